@@ -1,0 +1,49 @@
+"""taskhub_sync: a synchronous task hub over WebSocket. Send it tasks, watch as they happen."""
+
+from .client import Client, Task
+from .errors import (
+    AuthenticationError,
+    ConcurrencyError,
+    ConnectionLost,
+    InvalidState,
+    InvalidTopic,
+    NoSubscribers,
+    Overloaded,
+    PayloadTooLarge,
+    PermissionDenied,
+    ProtocolError,
+    TaskError,
+    TaskFailed,
+    TaskHubError,
+    TaskTimeout,
+    WorkerLost,
+)
+from .handle import TaskHandle
+from .protocol import Outcome
+from .server import Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Client",
+    "Server",
+    "Task",
+    "TaskHandle",
+    "Outcome",
+    "TaskHubError",
+    "ProtocolError",
+    "InvalidTopic",
+    "AuthenticationError",
+    "PermissionDenied",
+    "ConnectionLost",
+    "TaskError",
+    "NoSubscribers",
+    "Overloaded",
+    "TaskTimeout",
+    "TaskFailed",
+    "WorkerLost",
+    "PayloadTooLarge",
+    "InvalidState",
+    "ConcurrencyError",
+    "__version__",
+]

@@ -1,0 +1,24 @@
+"""A deadline over time.monotonic(), to budget one timeout across several steps."""
+
+from __future__ import annotations
+
+import time
+
+
+class Deadline:
+    """Time left from a budget of ``timeout`` seconds; ``None`` means no limit."""
+
+    __slots__ = ("_end",)
+
+    def __init__(self, timeout: float | None) -> None:
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left (never negative), or ``None`` for no limit."""
+        if self._end is None:
+            return None
+        return max(0.0, self._end - time.monotonic())
+
+    def expired(self) -> bool:
+        """True once the budget is used up."""
+        return self._end is not None and time.monotonic() >= self._end

@@ -1,0 +1,608 @@
+"""The hub: accept loop, one thread per connection, one lock around the Router.
+
+Threads (all named, all joined by stop()):
+    taskhub-accept           accepts sockets and starts a connection thread each
+    taskhub-timer            applies the router's deadlines (start/finish timeouts)
+    taskhub-conn-HOST:PORT   handshake, authentication, then reads and routes messages
+
+Writes: the router's outgoing messages are appended to each target connection's
+outbox while the router lock is held (which fixes their order), and written after
+it is released by whichever thread gets that connection's send lock first, all
+queued messages in one ``sendall`` (never ``send``: see PITFALLS LP-01/02).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import wsproto
+import wsproto.events as ev
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from . import config
+from . import protocol as p
+from ._deadline import Deadline
+from .auth import DUMMY_KEY, StoredKey
+from .errors import AuthenticationError, ProtocolError
+from .router import Credential, Outgoing, Router
+from .topics import validate_permission
+
+logger = logging.getLogger(__name__)
+
+_MAX_CONCURRENCY = 1024  # cap on what a client may claim in hello
+_RECV_SIZE = 65536
+
+
+class _Closed(Exception):
+    """Internal: the connection is over; carries the close code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Connection:
+    """One client socket. The reader thread owns reads; any thread may flush()."""
+
+    def __init__(self, server: Server, sock: socket.socket, addr: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.id = self.peer  # replaced by a unique id once authenticated
+        self.name: str | None = None
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        self.ws_lock = threading.Lock()  # guards self.ws (wsproto is not thread-safe)
+        self.send_lock = threading.Lock()  # one writer at a time, in outbox order
+        self.outbox: deque[ev.Event | p.Message] = deque()
+        self.dead = False
+        self.thread = threading.Thread(
+            target=self._run, name=f"taskhub-conn-{self.peer}", daemon=True
+        )
+
+    # -- writing -----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write everything queued in the outbox. Safe from any thread."""
+        with self.send_lock:
+            if not self.outbox:
+                return
+            chunks = []
+            try:
+                with self.ws_lock:
+                    while self.outbox:
+                        item = self.outbox.popleft()
+                        if not isinstance(item, ev.Event):
+                            item = ev.TextMessage(p.encode(item))
+                        chunks.append(self.ws.send(item))
+            except LocalProtocolError:
+                pass  # closing: wsproto refuses data after a Close; drop it
+            if self.dead or not chunks:
+                return
+            try:
+                self.sock.sendall(b"".join(chunks))
+            except OSError as exc:  # includes timeouts: a slow consumer
+                self._abort(f"send failed: {exc!r}")
+
+    def send_now(self, item: ev.Event | p.Message) -> None:
+        self.outbox.append(item)
+        self.flush()
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a Close frame (if still open). The reader thread then winds down."""
+        with self.ws_lock:
+            open_ = self.ws.state is wsproto.connection.ConnectionState.OPEN
+        if open_:
+            self.send_now(ev.CloseConnection(code=code, reason=reason))
+
+    def _abort(self, why: str) -> None:
+        """Tear the socket down now; wakes the reader blocked in recv()."""
+        if not self.dead:
+            self.dead = True
+            logger.info("connection %s (%s) dropped: %s", self.peer, self.name, why)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _linger(self) -> None:
+        """Let a Close frame we sent reach the peer, then drop the socket.
+
+        Half-close, then read (and discard) until the peer's EOF or one second, so
+        the kernel does not answer unread data with a RST that would destroy the
+        close reason in flight (PITFALLS LP-07).
+        """
+        if not self.dead:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+                deadline = Deadline(1.0)
+                while not deadline.expired():
+                    self.sock.settimeout(deadline.remaining())
+                    if not self.sock.recv(_RECV_SIZE):
+                        break
+            except (OSError, ValueError):
+                pass
+        self._abort("closed")
+
+    # -- reading -----------------------------------------------------------
+
+    def _recv_events(self) -> list[ev.Event]:
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except ssl.SSLError as exc:
+            raise _Closed(p.CLOSE_PROTOCOL_ERROR, f"TLS error: {exc}") from None
+        if not data:
+            raise _Closed(p.CLOSE_NORMAL, "peer closed the socket")
+        with self.ws_lock:
+            self.ws.receive_data(data)
+            return list(self.ws.events())
+
+    def _run(self) -> None:
+        server = self.server
+        registered = False
+        try:
+            self._handshake(Deadline(server.auth_timeout))
+            registered = True
+            self._serve()
+        except _Closed as exc:
+            if exc.code not in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY):
+                logger.warning("closing %s (%s): %s", self.peer, self.name, exc.reason)
+            if exc.code != p.CLOSE_NORMAL or not self.dead:
+                self.close(exc.code, exc.reason[:120])
+        except (TimeoutError, socket.timeout):
+            self.close(p.CLOSE_AUTH_TIMEOUT, "handshake or authentication timed out")
+        except OSError as exc:
+            if not self.dead and not server.stopping:
+                logger.info("connection %s (%s) lost: %r", self.peer, self.name, exc)
+        except Exception:
+            logger.exception("connection thread %s crashed", self.peer)
+            self.close(p.CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            self._linger()
+            if registered:
+                server._on_disconnect(self)
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            server._forget(self)
+
+    def _handshake(self, deadline: Deadline) -> None:
+        """Accept the WebSocket upgrade, then read and check hello. Bounded by deadline."""
+        server = self.server
+        accepted = False
+        text: list[str] = []
+        while True:
+            remaining = deadline.remaining()
+            if remaining is not None and remaining <= 0:
+                raise socket.timeout("auth timeout")
+            self.sock.settimeout(remaining)
+            try:
+                events = self._recv_events()
+            except RemoteProtocolError as exc:
+                self._reject_http(400, f"Bad WebSocket upgrade request: {exc}")
+                raise _Closed(p.CLOSE_NORMAL, "bad upgrade request") from None
+            for event in events:
+                if isinstance(event, ev.Request):
+                    self.send_now(ev.AcceptConnection())  # no extensions: LP-03
+                    accepted = True
+                elif isinstance(event, ev.TextMessage) and accepted:
+                    text.append(event.data)
+                    if sum(map(len, text)) > server.max_message_size:
+                        raise _Closed(p.CLOSE_TOO_BIG, "hello too large")
+                    if event.message_finished:
+                        self._authenticate("".join(text))
+                        return
+                elif isinstance(event, ev.CloseConnection):
+                    raise _Closed(p.CLOSE_NORMAL, "closed during handshake")
+                elif isinstance(event, ev.BytesMessage):
+                    raise _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
+
+    def _reject_http(self, status: int, text: str) -> None:
+        body = text.encode()
+        head = (
+            f"HTTP/1.1 {status} Bad Request\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        try:
+            self.sock.sendall(head + body)
+        except OSError:
+            pass
+        self.dead = True
+
+    def _authenticate(self, text: str) -> None:
+        server = self.server
+        try:
+            hello = p.decode(text)
+        except ProtocolError as exc:
+            raise _Closed(p.CLOSE_BAD_MESSAGE, f"bad hello: {exc}") from None
+        if not isinstance(hello, p.Hello):
+            raise _Closed(p.CLOSE_BAD_MESSAGE, "the first message must be hello")
+        if hello.v != p.VERSION:
+            raise _Closed(p.CLOSE_BAD_MESSAGE, f"unsupported protocol version {hello.v}")
+        entry = server._credentials.get(hello.name)
+        stored = entry[0] if entry else DUMMY_KEY
+        if not stored.verify(hello.key) or entry is None:
+            logger.warning("authentication failed for %r from %s", hello.name, self.peer)
+            raise _Closed(p.CLOSE_AUTH_FAILED, "authentication failed: unknown name or wrong key")
+        credential = entry[1]
+        self.name = hello.name
+        self.id = f"{hello.name}#{uuid.uuid4().hex[:12]}"
+        try:
+            server._on_connect(self, credential, min(hello.concurrency, _MAX_CONCURRENCY))
+        except AuthenticationError as exc:
+            raise _Closed(p.CLOSE_TOO_MANY_INSTANCES, str(exc)) from None
+        self.send_now(p.Welcome(self.id, server.max_message_size, server.task_start_timeout))
+        logger.info("%s connected from %s as %s", hello.name, self.peer, self.id)
+
+    def _serve(self) -> None:
+        """Read, decode and route messages until the connection ends."""
+        server = self.server
+        self.sock.settimeout(server.ping_interval)
+        text: list[str] = []
+        size = 0
+        awaiting_pong = False
+        while True:
+            try:
+                events = self._recv_events()
+            except (TimeoutError, socket.timeout):
+                if awaiting_pong:
+                    raise _Closed(p.CLOSE_GOING_AWAY, "no heartbeat answer") from None
+                awaiting_pong = True
+                self.send_now(ev.Ping(b"hb"))
+                continue
+            awaiting_pong = False
+            for event in events:
+                if isinstance(event, ev.TextMessage):
+                    text.append(event.data)
+                    size += len(event.data)
+                    if size > server.max_message_size:
+                        raise _Closed(p.CLOSE_TOO_BIG, "message over max_message_size")
+                    if event.message_finished:
+                        data = text[0] if len(text) == 1 else "".join(text)
+                        text.clear()
+                        size = 0
+                        try:
+                            message = p.decode(data)
+                            server._route(self, message)
+                        except ProtocolError as exc:
+                            raise _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {exc}") from None
+                elif isinstance(event, ev.Ping):
+                    self.send_now(event.response())
+                elif isinstance(event, ev.CloseConnection):
+                    with self.ws_lock:
+                        must_answer = (
+                            self.ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING
+                        )
+                    if must_answer:
+                        self.send_now(event.response())
+                    raise _Closed(p.CLOSE_NORMAL, "peer closed")
+                elif isinstance(event, ev.BytesMessage):
+                    raise _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
+
+
+class Server:
+    """The task hub: a WebSocket server routing tasks between services.
+
+    Args:
+        host: Interface to listen on.
+        port: TCP port; 0 picks a free one (read it back from ``port``).
+        task_start_timeout: Seconds a task waits for a subscriber to start or answer.
+        task_finish_timeout: Default seconds a task may take from publish to result.
+        auth_timeout: Seconds a new connection has to upgrade and authenticate.
+        max_message_size: Largest message, in bytes, the hub accepts.
+        ping_interval: Seconds of silence after which the hub pings a client; a
+            client silent for two intervals is dropped. Also bounds a blocked write.
+        ssl_context: Serve ``wss://`` with this server-side SSLContext.
+
+    ``start()`` returns once the hub is listening; ``serve_forever()`` blocks until
+    ``stop()`` (from another thread) or Ctrl-C. ``with Server(...) as hub:`` starts it
+    and stops it on exit. Methods are thread-safe.
+    """
+
+    def __init__(
+        self,
+        host: str = config.DEFAULT_HOST,
+        port: int = config.DEFAULT_PORT,
+        *,
+        task_start_timeout: float = config.DEFAULT_TASK_START_TIMEOUT,
+        task_finish_timeout: float = config.DEFAULT_TASK_FINISH_TIMEOUT,
+        auth_timeout: float = config.DEFAULT_AUTH_TIMEOUT,
+        max_message_size: int = config.DEFAULT_MAX_MESSAGE_SIZE,
+        ping_interval: float = config.DEFAULT_PING_INTERVAL,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        for name, value in (
+            ("task_start_timeout", task_start_timeout),
+            ("task_finish_timeout", task_finish_timeout),
+            ("auth_timeout", auth_timeout),
+            ("ping_interval", ping_interval),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if max_message_size < 1024:
+            raise ValueError("max_message_size must be at least 1024 bytes")
+        self.host = host
+        self._requested_port = port
+        self.task_start_timeout = float(task_start_timeout)
+        self.task_finish_timeout = float(task_finish_timeout)
+        self.auth_timeout = float(auth_timeout)
+        self.max_message_size = int(max_message_size)
+        self.ping_interval = float(ping_interval)
+        self.ssl_context = ssl_context
+        self._credentials: dict[str, tuple[StoredKey, Credential]] = {}
+
+        self._lock = threading.Lock()  # guards _router, _conns, _timer_target
+        self._timer_wakeup = threading.Condition(self._lock)
+        self._router = Router(
+            task_start_timeout=self.task_start_timeout, task_finish_timeout=self.task_finish_timeout
+        )
+        self._conns: dict[str, _Connection] = {}  # authenticated, by conn id
+        self._timer_target: float | None = None
+
+        self._threads_lock = threading.Lock()  # guards _all_conns
+        self._all_conns: set[_Connection] = set()
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._timer_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self.stopping = False
+
+    # ----------------------------------------------------------------- config
+
+    def add_credential(
+        self,
+        name: str,
+        key: str | None = None,
+        *,
+        key_hash: str | None = None,
+        sub_permissions: Sequence[str] = (),
+        pub_permissions: Sequence[str] = (),
+        max_instances: int = 1,
+    ) -> None:
+        """Allow service ``name`` to connect with ``key`` (or a key matching ``key_hash``).
+
+        Permissions are topics (granting that topic and all below it) or ``"*"``.
+        Replaces an existing credential of that name for new connections.
+
+        Raises:
+            ValueError: For an empty key, a bad hash, or max_instances < 1.
+            InvalidTopic: For a malformed permission.
+        """
+        if not isinstance(name, str) or not name or len(name) > 100:
+            raise ValueError("a service name must be a non-empty string of at most 100 chars")
+        if isinstance(sub_permissions, str) or isinstance(pub_permissions, str):
+            raise TypeError("permissions must be a list of topics, not a string")
+        if not isinstance(max_instances, int) or max_instances < 1:
+            raise ValueError("max_instances must be an integer >= 1")
+        stored = StoredKey(key=key, key_hash=key_hash)
+        credential = Credential(
+            name,
+            tuple(validate_permission(t) for t in sub_permissions),
+            tuple(validate_permission(t) for t in pub_permissions),
+            max_instances,
+        )
+        self._credentials[name] = (stored, credential)
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def port(self) -> int:
+        """The port the hub listens on (after start())."""
+        if self._listener is None:
+            return self._requested_port
+        return int(self._listener.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port`` (``wss://`` with TLS) for clients to connect to."""
+        scheme = "wss" if self.ssl_context else "ws"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+    def start(self) -> None:
+        """Bind, listen and start serving in background threads. Returns once listening.
+
+        Raises:
+            OSError: If the address cannot be bound.
+            InvalidState: If the hub was already started.
+        """
+        if self._listener is not None or self._stopped.is_set():
+            from .errors import InvalidState
+
+            raise InvalidState("a Server can be started once")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self.host, self._requested_port))
+            listener.listen(512)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="taskhub-accept", daemon=True
+        )
+        self._timer_thread = threading.Thread(
+            target=self._timer_loop, name="taskhub-timer", daemon=True
+        )
+        self._accept_thread.start()
+        self._timer_thread.start()
+        logger.info("taskhub listening on %s", self.url)
+
+    def serve_forever(self) -> None:
+        """Start if needed, then block until stop() is called or Ctrl-C (which stops)."""
+        if self._listener is None:
+            self.start()
+        try:
+            while not self._stopped.wait(3600):
+                pass
+        except KeyboardInterrupt:
+            logger.info("interrupted")
+        finally:
+            self.stop()
+
+    def stop(self, timeout: float = config.DEFAULT_CLOSE_TIMEOUT) -> None:
+        """Stop accepting, fail pending tasks, close every connection with 1001 and
+        join all threads, waiting at most about ``timeout`` seconds. Idempotent."""
+        with self._lock:
+            if self.stopping:
+                already = True
+            else:
+                already, self.stopping = False, True
+        if already:
+            self._stopped.wait(timeout)
+            return
+        deadline = Deadline(timeout)
+        if self._listener is not None:
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            except OSError:
+                pass
+            self._listener.close()
+        with self._lock:
+            out = self._router.shutdown()
+            targets = self._enqueue(out)
+            self._timer_wakeup.notify_all()
+        self._flush(targets)
+        with self._threads_lock:
+            conns = list(self._all_conns)
+        for conn in conns:
+            conn.close(p.CLOSE_GOING_AWAY, "hub shutting down")
+        for conn in conns:  # give clients a moment to answer the Close
+            conn.thread.join(min(1.0, deadline.remaining() or 0.0))
+        for conn in conns:
+            conn._abort("hub stopped")
+        for thread in [c.thread for c in conns] + [self._accept_thread, self._timer_thread]:
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(deadline.remaining())
+        self._stopped.set()
+        logger.info("taskhub stopped")
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- stats
+
+    def connection_count(self) -> int:
+        """Authenticated connections right now."""
+        with self._lock:
+            return len(self._conns)
+
+    def instances(self, service: str) -> int:
+        """Connected instances of ``service``."""
+        with self._lock:
+            return self._router.instances(service)
+
+    def pending_tasks(self) -> int:
+        """Tasks published and not yet done."""
+        with self._lock:
+            return self._router.pending_count()
+
+    # ----------------------------------------------------------------- internals
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self.stopping:
+            try:
+                sock, addr = self._listener.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                logger.exception("accept failed")
+                time.sleep(0.05)  # e.g. EMFILE: don't spin; not a synchronization
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                try:
+                    sock.settimeout(self.auth_timeout)
+                    sock = self.ssl_context.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+                except (OSError, ValueError):
+                    sock.close()
+                    continue
+            conn = _Connection(self, sock, addr)
+            with self._threads_lock:
+                if self.stopping:
+                    sock.close()
+                    return
+                self._all_conns.add(conn)
+            conn.thread.start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._threads_lock:
+            self._all_conns.discard(conn)
+
+    def _timer_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self.stopping:
+                    due = self._router.next_deadline()
+                    now = time.monotonic()
+                    if due is not None and due <= now:
+                        break
+                    self._timer_target = due
+                    self._timer_wakeup.wait(None if due is None else due - now)
+                if self.stopping:
+                    return
+                out = self._router.expire(time.monotonic())
+                targets = self._enqueue(out)
+            self._flush(targets)
+
+    def _enqueue(self, out: Iterable[Outgoing]) -> list[_Connection]:
+        """Queue router output on each target's outbox. Requires self._lock."""
+        targets: dict[str, _Connection] = {}
+        conns = self._conns
+        for o in out:
+            conn = conns.get(o.conn_id)
+            if conn is not None:
+                conn.outbox.append(o.message)
+                targets[o.conn_id] = conn
+        return list(targets.values())
+
+    @staticmethod
+    def _flush(targets: Iterable[_Connection]) -> None:
+        for conn in targets:
+            conn.flush()
+
+    def _route(self, conn: _Connection, message: p.Message) -> None:
+        with self._lock:
+            out = self._router.receive(conn.id, message, time.monotonic())
+            targets = self._enqueue(out)
+            due = self._router.next_deadline()
+            if due is not None and (self._timer_target is None or due < self._timer_target):
+                self._timer_target = due
+                self._timer_wakeup.notify()
+        self._flush(targets)
+
+    def _on_connect(self, conn: _Connection, credential: Credential, concurrency: int) -> None:
+        with self._lock:
+            if self.stopping:
+                raise _Closed(p.CLOSE_GOING_AWAY, "hub shutting down")
+            self._router.connect(conn.id, credential, concurrency)
+            self._conns[conn.id] = conn
+
+    def _on_disconnect(self, conn: _Connection) -> None:
+        with self._lock:
+            self._conns.pop(conn.id, None)
+            out = self._router.disconnect(conn.id, time.monotonic())
+            targets = self._enqueue(out)
+        self._flush(targets)
+        logger.info("%s (%s) disconnected", conn.id, conn.peer)
+
+
+__all__ = ["Server"]
