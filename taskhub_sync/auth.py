@@ -38,7 +38,16 @@ def _parse(key_hash: str) -> tuple[int, int, int, bytes, bytes]:
         salt, digest = bytes.fromhex(parts[4]), bytes.fromhex(parts[5])
     except ValueError:
         raise ValueError("key_hash has a malformed number or hex field") from None
+    if n < 2 or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16 or n > 2**20:
+        raise ValueError("key_hash has impossible scrypt parameters")
+    if not salt or len(digest) < 16:
+        raise ValueError("key_hash has an empty salt or a short hash")
     return n, r, p, salt, digest
+
+
+def _utf8(key: str) -> bytes:
+    # A key decoded from JSON may hold a lone surrogate; it must fail the check, not crash.
+    return key.encode("utf-8", "surrogatepass")
 
 
 class StoredKey:
@@ -59,13 +68,11 @@ class StoredKey:
     def verify(self, key: str) -> bool:
         """True if ``key`` is this key. Takes the same time for any wrong key."""
         if self._plain is not None:
-            return hmac.compare_digest(self._plain, key.encode())
+            return hmac.compare_digest(self._plain, _utf8(key))
         assert self._hash is not None
         n, r, p, salt, digest = _parse(self._hash)
         maxmem = 128 * r * (n + p + 2) + 1024 * 1024
-        got = hashlib.scrypt(
-            key.encode(), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=maxmem
-        )
+        got = hashlib.scrypt(_utf8(key), salt=salt, n=n, r=r, p=p, dklen=len(digest), maxmem=maxmem)
         return hmac.compare_digest(got, digest)
 
     def __repr__(self) -> str:

@@ -1,36 +1,43 @@
-"""The blocking client: publish tasks, serve subscriptions.
+"""The blocking client: publish tasks, serve subscriptions, ride over dropped connections.
 
 Threads:
     taskhub-reader     (daemon) the only reader of the socket: decodes messages,
-                       completes handles, runs update/done callbacks, queues tasks
+                       completes handles, runs update/done callbacks, queues tasks;
+                       reconnects (backoff with jitter) when the connection drops
     taskhub-handler-N  (daemon) run subscription handlers, at most max_workers at once
 
-Any thread may send (websocket-client serializes writes with its own lock). The
-hub never gives this client more than ``max_workers`` tasks at once, so handlers
-never queue behind each other, and a handler may itself pub() and wait.
+Any thread may send (websocket-client serializes writes with its own lock; over TLS
+the StreamSocket also keeps reads and writes apart). The hub never gives this
+client more than ``max_workers`` tasks at once, so handlers never queue behind
+each other, and a handler may itself pub() and wait.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import queue
+import random
+import socket
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import websocket
 
 from . import config, topics
 from . import protocol as p
 from ._deadline import Deadline
+from ._transport import StreamSocket
 from .errors import (
     AuthenticationError,
     ConcurrencyError,
     ConnectionLost,
     InvalidTopic,
+    LimitExceeded,
     NoSubscribers,
     Overloaded,
     PayloadTooLarge,
@@ -43,176 +50,85 @@ from .errors import (
     WorkerLost,
 )
 from .handle import TaskHandle
+from .task import Task, _HandlerPool
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[["Task"], Any]
+Handler = Callable[[Task], Any]
 H = TypeVar("H", bound=Handler)
 
 _TASK_ERRORS: dict[str, type[TaskError]] = {
     "no_subscribers": NoSubscribers,
     "overloaded": Overloaded,
     "timeout": TaskTimeout,
-    "worker_lost": WorkerLost,
     "payload_too_large": PayloadTooLarge,
 }
 
 
 def _task_error(info: p.ErrorInfo, task_id: str, topic: str) -> TaskHubError:
     """Turn the hub's ErrorInfo for a task into the matching exception."""
-    if info.code == "permission_denied":
+    code = info.code
+    if code == "permission_denied":
         return PermissionDenied(info.message, topic=topic)
-    if info.code == "invalid_topic":
+    if code == "invalid_topic":
         return InvalidTopic(info.message)
-    if info.code == "connection_lost":
+    if code == "connection_lost":
         return ConnectionLost(info.message)
-    if info.code == "failed":
+    if code in ("too_many_pending", "too_many_subscriptions"):
+        return LimitExceeded(info.message)
+    if code == "worker_lost":
+        return WorkerLost(info.message, task_id=task_id, topic=topic, service=info.service)
+    if code == "failed":
         remote_type = info.remote_type or "Exception"
         prefix = f"{remote_type}: "
-        remote_message = (
-            info.message[len(prefix) :] if info.message.startswith(prefix) else info.message
-        )
+        remote_message = info.message[len(prefix) :] if info.message.startswith(prefix) else ""
         return TaskFailed(
             f"task {task_id} on {topic!r} failed at {info.service!r}: {info.message}",
             task_id=task_id,
             topic=topic,
             service=info.service,
             remote_type=remote_type,
-            remote_message=remote_message,
+            remote_message=remote_message or info.message,
         )
-    cls = _TASK_ERRORS.get(info.code, TaskError)
-    if issubclass(cls, WorkerLost):
-        return WorkerLost(info.message, task_id=task_id, topic=topic, service=info.service)
-    return cls(info.message, task_id=task_id, topic=topic)
+    return _TASK_ERRORS.get(code, TaskError)(info.message, task_id=task_id, topic=topic)
 
 
-class Task:
-    """A task as a subscription handler sees it.
+class _Lost(Exception):
+    """Internal: the current connection ended; ``error`` says why."""
 
-    Call ``start()`` to claim it (the hub then waits for your result until the
-    task's finish timeout), ``get_payload()`` to read it, ``update(data)`` to report
-    progress. Return the result from the handler; raise to fail the task.
-    ``cancelled`` turns true when the hub no longer wants the result (finish timeout,
-    start window missed, publisher gone). Methods are thread-safe and never block
-    on the network for long.
-    """
-
-    def __init__(self, client: Client, msg: p.Task) -> None:
-        self._client = client
-        self.id = msg.task
-        self.topic = msg.topic
-        #: The service that published the task.
-        self.publisher = msg.publisher
-        self._payload = msg.payload
-        self._started = False
-        self._cancel = threading.Event()
-        self.cancel_reason: str | None = None
-
-    def __repr__(self) -> str:
-        return f"<Task {self.id} topic={self.topic!r} from {self.publisher!r}>"
-
-    def get_payload(self) -> Any:
-        """The payload the publisher sent (decoded JSON)."""
-        return self._payload
-
-    @property
-    def payload(self) -> Any:
-        return self._payload
-
-    @property
-    def cancelled(self) -> bool:
-        """True once the hub said it no longer wants this task's result."""
-        return self._cancel.is_set()
-
-    def wait_cancelled(self, timeout: float | None = None) -> bool:
-        """Block until the task is cancelled or ``timeout`` passes; True if cancelled."""
-        return self._cancel.wait(timeout)
-
-    def start(self) -> None:
-        """Claim the task. Idempotent; does not wait for the hub."""
-        if not self._started:
-            self._started = True
-            self._client._send_quietly(p.Start(self.id))
-
-    def update(self, data: Any) -> None:
-        """Send a progress update to the publisher (claims the task if needed).
-
-        Raises:
-            TypeError, ValueError: If ``data`` is not JSON-serializable.
-        """
-        p.encode_value(data)  # fail here, in the handler, on bad data
-        self._started = True
-        self._client._send_quietly(p.Update(self.id, data))
-
-    def _cancelled_by_hub(self, reason: str) -> None:
-        self.cancel_reason = reason
-        self._cancel.set()
-
-
-class _HandlerPool:
-    """At most ``size`` daemon threads running handlers; started as needed."""
-
-    def __init__(self, size: int, run: Callable[[Any], None]) -> None:
-        self._size = size
-        self._run = run
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._lock = threading.Lock()
-
-    def submit(self, item: Any) -> None:
-        with self._lock:
-            if self._idle == 0 and len(self._threads) < self._size:
-                t = threading.Thread(
-                    target=self._loop, daemon=True, name=f"taskhub-handler-{len(self._threads) + 1}"
-                )
-                self._threads.append(t)
-                t.start()
-            else:
-                self._idle -= 1
-        self._queue.put(item)
-
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            try:
-                self._run(item)
-            finally:
-                with self._lock:
-                    self._idle += 1
-
-    def shutdown(self, timeout: float | None) -> bool:
-        """Let running handlers finish (up to ``timeout``); True if all did."""
-        with self._lock:
-            threads = list(self._threads)
-        for _ in threads:
-            self._queue.put(None)
-        deadline = Deadline(timeout)
-        for t in threads:
-            if t is not threading.current_thread():
-                t.join(deadline.remaining())
-        return not any(t.is_alive() for t in threads if t is not threading.current_thread())
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class Client:
     """A connection to the hub, authenticated as one service.
 
-    The constructor connects and authenticates, so a bad key fails here. Methods
-    are thread-safe. Use ``with Client(...) as client:`` or call ``close()``.
+    The constructor connects and authenticates, so a bad key fails here. If the
+    connection drops later, the client reconnects by itself (exponential backoff
+    with jitter), authenticates again, restores its subscriptions and resumes its
+    session: tasks it published keep running, and their updates and results,
+    kept by the hub meanwhile, arrive once it is back. Methods are thread-safe.
+    Use ``with Client(...) as client:`` or call ``close()``.
 
     Args:
         url: ``ws://host:port`` or ``wss://host:port`` of the hub.
         name: The service name (the credential's name on the hub).
         key: The service's key.
-        open_timeout: Seconds to connect, upgrade and authenticate.
+        open_timeout: Seconds to connect, upgrade and authenticate; also how long
+            pub()/sub() wait for a connection while the client is reconnecting.
         close_timeout: Seconds close() waits for running handlers and the hub.
         request_timeout: Seconds sub()/unsub() wait for the hub's answer.
         max_workers: Handlers that may run at once (the hub never sends more).
         ping_interval: Seconds of silence after which the client pings the hub; no
-            answer within another interval means the hub is gone.
+            answer within another interval means the connection is dead.
         ssl_context: Client-side SSLContext for ``wss://`` (default: system CAs).
+        reconnect: Reconnect after a dropped connection (never after the hub
+            refused the credentials).
+        reconnect_delay: (first, max) seconds between reconnect attempts; the delay
+            doubles per failed attempt, with jitter, up to the max.
+        reconnect_timeout: Give up reconnecting after this many seconds (None:
+            never); run_forever() then raises ConnectionLost.
 
     Raises:
         AuthenticationError: Unknown name, wrong key, or too many instances.
@@ -232,91 +148,57 @@ class Client:
         max_workers: int = config.DEFAULT_MAX_WORKERS,
         ping_interval: float = config.DEFAULT_PING_INTERVAL,
         ssl_context: ssl.SSLContext | None = None,
+        reconnect: bool = True,
+        reconnect_delay: tuple[float, float] = config.DEFAULT_RECONNECT_DELAY,
+        reconnect_timeout: float | None = None,
     ) -> None:
         if not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError("max_workers must be an integer >= 1")
         if not isinstance(name, str) or not isinstance(key, str):
             raise TypeError("name and key must be strings")
+        if not 0 < reconnect_delay[0] <= reconnect_delay[1]:
+            raise ValueError("reconnect_delay must be (first, max) with 0 < first <= max")
         self.url = url
         self.name = name
+        self._key = key
+        self.open_timeout = open_timeout
         self.close_timeout = close_timeout
         self.request_timeout = request_timeout
         self.ping_interval = ping_interval
-        self._lock = threading.Lock()  # guards the dicts below and _closing
+        self.reconnect = reconnect
+        self.reconnect_delay = reconnect_delay
+        self.reconnect_timeout = reconnect_timeout
+        self._ssl_context = ssl_context
+        self._max_workers = max_workers
+
+        self._lock = threading.Lock()  # guards the dicts below, _ws, _generation
         self._handles: dict[str, TaskHandle] = {}
         self._handlers: dict[str, Handler] = {}
         self._requests: dict[int, tuple[threading.Event, list[p.Reply]]] = {}
+        self._resubscribing: dict[int, str] = {}  # request id -> pattern
         self._running: dict[str, Task] = {}
+        self._generation = 0  # bumped per connection: results of older ones are dropped
         self._closing = False
         self._lost: BaseException | None = None
-        self._ended = threading.Event()  # set when the reader has stopped
+        self._stop = threading.Event()  # set by close(): ends reconnect waits
+        self._connected = threading.Event()
+        self._ended = threading.Event()  # set when the reader has stopped for good
         self._ids = itertools.count(1)
         self._pool = _HandlerPool(max_workers, self._run_handler)
-        self._ws = self._connect(url, name, key, max_workers, Deadline(open_timeout), ssl_context)
-        self._reader = threading.Thread(target=self._read_loop, name="taskhub-reader", daemon=True)
+
+        ws, welcome = self._connect(None, Deadline(open_timeout))
+        self._ws = ws
+        self._apply_welcome(welcome)
+        self._connected.set()
+        self._reader = threading.Thread(
+            target=self._reader_main, name="taskhub-reader", daemon=True
+        )
         self._reader.start()
-
-    # ----------------------------------------------------------------- connect
-
-    def _connect(
-        self,
-        url: str,
-        name: str,
-        key: str,
-        concurrency: int,
-        deadline: Deadline,
-        ssl_context: ssl.SSLContext | None,
-    ) -> websocket.WebSocket:
-        sslopt: dict[str, Any] = {}
-        if ssl_context is not None:
-            sslopt["context"] = ssl_context
-        try:
-            ws = websocket.create_connection(
-                url,
-                timeout=deadline.remaining(),
-                skip_utf8_validation=True,  # str.decode checks UTF-8 already, in C
-                enable_multithread=True,
-                sslopt=sslopt,
-                http_no_proxy=["*"],  # direct: ignore *_proxy variables (LP-17)
-                redirect_limit=0,  # never replay a handshake elsewhere (LP-18)
-                suppress_origin=True,
-            )
-        except websocket.WebSocketTimeoutException as exc:
-            raise TimeoutError(f"no answer from {url} within the open timeout") from exc
-        except (OSError, websocket.WebSocketException, ValueError) as exc:
-            raise ConnectionLost(f"cannot connect to {url}: {exc}") from exc
-        try:
-            ws.send(p.encode(p.Hello(name, key, concurrency)))
-            ws.settimeout(deadline.remaining())
-            while True:
-                opcode, frame = ws.recv_data_frame(False)
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    code, reason = _close_info(frame.data)
-                    if code in p.FATAL_CLOSE_CODES:
-                        raise AuthenticationError(reason or "authentication failed")
-                    raise ConnectionLost(f"hub closed the connection: {code} {reason}")
-                if opcode == websocket.ABNF.OPCODE_TEXT:
-                    break
-            welcome = p.decode(frame.data)
-            if not isinstance(welcome, p.Welcome):
-                raise ProtocolError(f"expected welcome, got {welcome.TYPE!r}")
-        except BaseException as exc:
-            ws.shutdown()
-            if isinstance(exc, websocket.WebSocketTimeoutException):
-                raise TimeoutError(f"no welcome from {url} within the open timeout") from None
-            if isinstance(exc, (OSError, websocket.WebSocketException)):
-                raise ConnectionLost(f"connection to {url} lost: {exc}") from exc
-            raise
-        self.session = welcome.session
-        self.max_message_size = welcome.max_message_size
-        self.task_start_timeout = welcome.task_start_timeout
-        ws.settimeout(self.ping_interval)
-        return ws
 
     # ----------------------------------------------------------------- public
 
     def pub(self, topic: str, payload: Any = None, *, timeout: float | None = None) -> TaskHandle:
-        """Publish a task and return a handle to its result. Does not wait.
+        """Publish a task and return a handle to its result. Does not wait for it.
 
         Args:
             topic: Where to publish, e.g. ``"mail:send-bulk"``.
@@ -327,7 +209,8 @@ class Client:
             InvalidTopic: If ``topic`` is malformed.
             TypeError, ValueError: If ``payload`` is not JSON-serializable, or
                 ``timeout`` is not a positive number.
-            ConnectionLost: If the connection is closed.
+            ConnectionLost: If the client is closed, or stays disconnected for
+                ``open_timeout`` seconds while reconnecting.
 
         Failures of the task itself (no subscribers, permission denied, timeout,
         the handler raised, payload too large) come through the handle.
@@ -337,26 +220,25 @@ class Client:
             isinstance(timeout, bool) or not timeout > 0 or timeout == float("inf")
         ):
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        self._wait_connected()
         task_id = f"{self.session}.{next(self._ids)}"
         text = p.encode(p.Publish(task_id, topic, payload, timeout))
         handle = TaskHandle(task_id, topic, self._reader)
         if len(text.encode()) > self.max_message_size:
-            handle._complete(
-                None,
-                PayloadTooLarge(
-                    f"payload of task on {topic!r} is over the hub's max_message_size "
-                    f"({self.max_message_size} bytes)",
-                    task_id=task_id,
-                    topic=topic,
-                ),
-                {},
+            error = PayloadTooLarge(
+                f"payload of task on {topic!r} is over the hub's max_message_size "
+                f"({self.max_message_size} bytes)",
+                task_id=task_id,
+                topic=topic,
             )
+            handle._complete(None, error, {})
             return handle
         with self._lock:
             self._check_open()
             self._handles[task_id] = handle
+            ws = self._ws
         try:
-            self._ws.send(text)
+            ws.send(text)
         except (OSError, websocket.WebSocketException) as exc:
             with self._lock:
                 self._handles.pop(task_id, None)
@@ -367,9 +249,13 @@ class Client:
         """Serve tasks on ``topic`` (an exact topic, ``prefix:*`` or ``*``) with
         ``handler(task)``. Blocks until the hub accepts. Usable as a decorator.
 
+        Subscriptions survive reconnects. A task matching several subscriptions
+        goes to the most specific one's handler.
+
         Raises:
             PermissionDenied: If the credential may not listen to ``topic``.
             InvalidTopic: If ``topic`` is malformed.
+            LimitExceeded: If the connection has too many subscriptions.
             ConnectionLost: If the connection is closed.
             TimeoutError: If the hub does not answer within request_timeout.
         """
@@ -400,15 +286,19 @@ class Client:
     def unsub(self, topic: str) -> None:
         """Stop serving ``topic``. Blocks until the hub confirms."""
         pattern = topics.validate_pattern(topic)
-        self._request(p.Unsubscribe(0, pattern))
         with self._lock:
             self._handlers.pop(pattern, None)
+        self._request(p.Unsubscribe(0, pattern))
 
     def run_forever(self) -> None:
         """Block, serving subscriptions, until close() or Ctrl-C (which closes).
 
+        Rides over dropped connections (see ``reconnect``).
+
         Raises:
-            ConnectionLost: If the connection to the hub drops.
+            ConnectionLost: If the connection is lost for good (reconnect off or
+                given up).
+            AuthenticationError: If the hub refused the credentials on reconnect.
         """
         try:
             while not self._ended.wait(3600):
@@ -418,39 +308,51 @@ class Client:
             self.close()
             return
         if self._lost is not None and not self._closing:
+            if isinstance(self._lost, AuthenticationError):
+                raise self._lost
             raise ConnectionLost(f"connection to {self.url} lost: {self._lost}")
 
     def close(self) -> None:
         """Close the connection. Idempotent.
 
         Running handlers get up to ``close_timeout`` seconds to finish and send their
-        results; pending handles then fail with ConnectionLost. All threads are
-        stopped when it returns (a handler still running after the timeout is left
-        to finish on its daemon thread).
+        results; pending handles then fail with ConnectionLost. The client's threads
+        are stopped when it returns (a handler still running after the timeout is
+        left to finish on its daemon thread).
+
+        Raises:
+            ConcurrencyError: If called from a callback on the reader thread.
         """
+        if threading.current_thread() is self._reader:
+            raise ConcurrencyError("close() from a callback would deadlock")
         with self._lock:
             if self._closing:
                 return
             self._closing = True
-        if threading.current_thread() is self._reader:
-            raise ConcurrencyError("close() from a callback would deadlock")
         deadline = Deadline(self.close_timeout)
         self._pool.shutdown(deadline.remaining())
+        self._stop.set()
+        ws = self._ws
         try:
-            self._ws.send_close(p.CLOSE_NORMAL, b"client closing")
+            ws.send_close(p.CLOSE_NORMAL, b"client closing")
         except (OSError, websocket.WebSocketException):
             pass
         self._reader.join(deadline.remaining())
         if self._reader.is_alive():
-            self._ws.abort()
+            ws.abort()
             self._reader.join(1.0)
-        self._ws.shutdown()
+        ws.shutdown()
         self._fail_all(ConnectionLost("the client was closed"))
 
     @property
     def closed(self) -> bool:
-        """True after close() or once the connection is lost."""
+        """True after close() or once the connection is lost for good."""
         return self._closing or self._ended.is_set()
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection to the hub is up."""
+        return self._connected.is_set() and not self.closed
 
     def __enter__(self) -> Client:
         return self
@@ -459,60 +361,163 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else "open"
+        state = "closed" if self.closed else "connected" if self.connected else "reconnecting"
         return f"<Client {self.name!r} {self.url} {state}>"
 
-    # ----------------------------------------------------------------- internals
+    # ----------------------------------------------------------------- connecting
 
-    def _check_open(self) -> None:
-        """Requires self._lock."""
+    def _connect(
+        self, session: str | None, deadline: Deadline
+    ) -> tuple[websocket.WebSocket, p.Welcome]:
+        """Open, upgrade and authenticate one connection, within ``deadline``."""
+        url = self.url
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"the hub URL must look like ws://host:port, not {url!r}")
+        secure = parts.scheme == "wss"
+        try:
+            port = parts.port or (443 if secure else 80)
+            # Our own socket (direct: no *_proxy variables, PITFALLS LP-17) wrapped in
+            # a StreamSocket, which buffers reads and makes TLS safe across threads.
+            sock = socket.create_connection((parts.hostname, port), deadline.remaining())
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if secure:
+                context = self._ssl_context or ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=parts.hostname)
+            ws = websocket.create_connection(
+                url,
+                timeout=deadline.remaining(),
+                socket=StreamSocket(sock),
+                skip_utf8_validation=True,  # decoding to str checks UTF-8 already, in C
+                enable_multithread=True,
+                redirect_limit=0,  # never replay the handshake elsewhere (LP-18)
+                suppress_origin=True,
+            )
+        except (socket.timeout, websocket.WebSocketTimeoutException) as exc:
+            raise TimeoutError(f"no answer from {url} within the open timeout") from exc
+        except (OSError, websocket.WebSocketException) as exc:
+            raise ConnectionLost(f"cannot connect to {url}: {exc}") from exc
+        try:
+            hello = p.Hello(self.name, self._key, self._max_workers, session)
+            ws.send(p.encode(hello))
+            ws.settimeout(deadline.remaining())
+            while True:
+                opcode, frame = ws.recv_data_frame(False)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    code, reason = _close_info(frame.data)
+                    if code in p.FATAL_CLOSE_CODES:
+                        raise AuthenticationError(reason or "authentication failed")
+                    raise ConnectionLost(f"hub closed the connection: {code} {reason}")
+                if opcode == websocket.ABNF.OPCODE_TEXT:
+                    break
+            welcome = p.decode(frame.data)
+            if not isinstance(welcome, p.Welcome):
+                raise ProtocolError(f"expected welcome, got {welcome.TYPE!r}")
+        except BaseException as exc:
+            ws.shutdown()
+            if isinstance(exc, websocket.WebSocketTimeoutException):
+                raise TimeoutError(f"no welcome from {url} within the open timeout") from None
+            if isinstance(exc, (OSError, websocket.WebSocketException)):
+                raise ConnectionLost(f"connection to {url} lost: {exc}") from exc
+            raise
+        ws.settimeout(self.ping_interval)
+        return ws, welcome
+
+    def _apply_welcome(self, welcome: p.Welcome) -> None:
+        self.session = welcome.session
+        self.max_message_size = welcome.max_message_size
+        self.task_start_timeout = welcome.task_start_timeout
+        self.resume_grace = welcome.resume_grace
+
+    def _wait_connected(self) -> None:
         if self._closing:
             raise ConnectionLost("the client is closed")
-        if self._ended.is_set():
-            raise ConnectionLost(f"connection to {self.url} lost: {self._lost}")
+        if not self._connected.wait(self.open_timeout) or self._ended.is_set():
+            raise ConnectionLost(f"not connected to {self.url}: {self._lost}")
 
-    def _request(self, msg: p.Subscribe | p.Unsubscribe) -> None:
-        if threading.current_thread() is self._reader:
-            raise ConcurrencyError("sub()/unsub() from a callback would deadlock")
-        done = threading.Event()
-        box: list[p.Reply] = []
-        with self._lock:
-            self._check_open()
-            request_id = next(self._ids)
-            self._requests[request_id] = (done, box)
-        try:
-            msg = type(msg)(request_id, msg.pattern)
-            self._send(msg)
-            if not done.wait(self.request_timeout):
-                raise TimeoutError(f"no answer to {msg.TYPE} {msg.pattern!r} from the hub")
-        finally:
+    def _reconnect(self) -> bool:
+        """Reconnect with backoff until it works (True), or close()/give up (False)."""
+        first, cap = self.reconnect_delay
+        give_up = Deadline(self.reconnect_timeout)
+        dropped_at = time.monotonic()
+        for attempt in itertools.count():
+            # The hub keeps our published tasks resume_grace seconds, no longer.
+            if self._handles and time.monotonic() - dropped_at >= self.resume_grace:
+                self._fail_handles(
+                    ConnectionLost(f"not reconnected to {self.url} within the hub's resume grace")
+                )
+            delay = min(cap, first * 2**attempt) * random.uniform(0.5, 1.0)
+            if self._stop.wait(delay):
+                return False
+            try:
+                ws, welcome = self._connect(self.session, Deadline(self.open_timeout))
+            except AuthenticationError as exc:
+                self._lost = exc
+                logger.error("the hub refused %r on reconnect: %s", self.name, exc)
+                return False
+            except (ConnectionLost, TimeoutError, ProtocolError) as exc:
+                logger.debug("reconnect attempt %d failed: %s", attempt + 1, exc)
+                if give_up.expired():
+                    self._lost = exc
+                    logger.error("giving up reconnecting to %s: %s", self.url, exc)
+                    return False
+                continue
             with self._lock:
-                self._requests.pop(request_id, None)
-        if not box:
-            raise ConnectionLost(f"connection to {self.url} lost: {self._lost}")
-        error = box[0].error
-        if error is not None:
-            if error.code == "permission_denied":
-                raise PermissionDenied(error.message, topic=msg.pattern)
-            if error.code == "invalid_topic":
-                raise InvalidTopic(error.message)
-            raise TaskHubError(error.message)
+                if self._closing:
+                    ws.shutdown()
+                    return False
+                self._ws = ws
+                patterns = list(self._handlers)
+            self._apply_welcome(welcome)
+            if not welcome.resumed:
+                self._fail_handles(
+                    ConnectionLost(
+                        "the hub did not keep this client's session (restarted, or the "
+                        "drop outlasted its resume grace)"
+                    )
+                )
+            for pattern in patterns:
+                request_id = next(self._ids)
+                with self._lock:
+                    self._resubscribing[request_id] = pattern
+                self._send_quietly(p.Subscribe(request_id, pattern))
+            self._connected.set()
+            logger.info("reconnected to %s%s", self.url, " (resumed)" if welcome.resumed else "")
+            return True
+        return False  # pragma: no cover  (itertools.count never ends)
 
-    def _send(self, msg: p.Message) -> None:
+    # ----------------------------------------------------------------- reading
+
+    def _reader_main(self) -> None:
         try:
-            self._ws.send(p.encode(msg))
-        except (OSError, websocket.WebSocketException) as exc:
-            raise ConnectionLost(f"cannot send to {self.url}: {exc}") from exc
+            while True:
+                try:
+                    self._read(self._ws)
+                except _Lost as lost:
+                    error = lost.error
+                if self._closing:
+                    return
+                self._lost = error
+                self._on_drop(error)
+                if isinstance(error, AuthenticationError) or not self.reconnect:
+                    return
+                if not self._reconnect():
+                    return
+        except Exception as exc:  # a bug of ours: don't hide it, don't hang the user
+            self._lost = exc
+            logger.exception("taskhub reader crashed")
+        finally:
+            self._ended.set()
+            self._connected.set()  # wake waiters: they see _ended
+            self._ws.abort()
+            lost = self._lost
+            if not isinstance(lost, ConnectionLost):
+                lost = ConnectionLost(f"connection to {self.url} lost: {lost}")
+            self._fail_all(lost)
 
-    def _send_quietly(self, msg: p.Message) -> None:
-        """Send, ignoring a lost connection (the hub has failed the task anyway)."""
-        try:
-            self._send(msg)
-        except ConnectionLost:
-            logger.debug("dropped %s: connection lost", msg.TYPE)
-
-    def _read_loop(self) -> None:
-        ws = self._ws
+    def _read(self, ws: websocket.WebSocket) -> None:
+        """Read and dispatch until this connection ends; raises _Lost with why."""
         awaiting_pong = False
         try:
             while True:
@@ -520,7 +525,9 @@ class Client:
                     opcode, frame = ws.recv_data_frame(True)
                 except websocket.WebSocketTimeoutException:
                     if awaiting_pong:
-                        raise ConnectionLost("the hub stopped answering heartbeats") from None
+                        raise _Lost(
+                            ConnectionLost("the hub stopped answering heartbeats")
+                        ) from None
                     awaiting_pong = True
                     ws.ping(b"hb")
                     continue
@@ -529,27 +536,30 @@ class Client:
                     self._dispatch(p.decode(frame.data))
                 elif opcode == websocket.ABNF.OPCODE_CLOSE:
                     code, reason = _close_info(frame.data)
-                    if not self._closing:
-                        self._lost = ConnectionLost(f"hub closed the connection: {code} {reason}")
-                        logger.warning("hub closed the connection: %s %s", code, reason)
-                    return
+                    if code in p.FATAL_CLOSE_CODES:
+                        raise _Lost(AuthenticationError(reason))
+                    raise _Lost(ConnectionLost(f"hub closed the connection: {code} {reason}"))
                 elif opcode == websocket.ABNF.OPCODE_BINARY:
                     raise ProtocolError("the hub sent a binary frame")
         except (OSError, websocket.WebSocketException, TaskHubError) as exc:
-            if not self._closing:
-                self._lost = exc
-                logger.warning("connection to %s lost: %s", self.url, exc)
-        except Exception as exc:  # a bug of ours: don't hide it, don't hang the user
-            self._lost = exc
-            logger.exception("taskhub reader crashed")
-        finally:
-            self._ended.set()
-            if not self._closing:
-                ws.abort()
-            lost = self._lost or ConnectionLost("connection closed")
-            if not isinstance(lost, ConnectionLost):
-                lost = ConnectionLost(f"connection to {self.url} lost: {lost}")
-            self._fail_all(lost)
+            raise _Lost(exc) from None
+
+    def _on_drop(self, error: BaseException) -> None:
+        """The connection is gone: stop what belonged to it."""
+        with self._lock:
+            self._connected.clear()
+            self._generation += 1
+            running = list(self._running.values())
+            requests = list(self._requests.values())
+        self._ws.abort()
+        if not self._closing:
+            logger.warning("connection to %s lost: %s", self.url, error)
+        for task in running:  # the hub has given these to someone else or failed them
+            task._cancelled_by_hub("connection lost")
+        for done, _ in requests:
+            done.set()
+        if not self.reconnect or self.resume_grace <= 0:
+            self._fail_handles(ConnectionLost(f"connection to {self.url} lost: {error}"))
 
     def _dispatch(self, msg: p.Message) -> None:
         kind = type(msg)
@@ -557,7 +567,10 @@ class Client:
             with self._lock:
                 handle = self._handles.pop(msg.task, None)  # type: ignore[union-attr]
             if handle is not None:
-                self._complete(handle, msg)  # type: ignore[arg-type]
+                error = None
+                if msg.error is not None:  # type: ignore[union-attr]
+                    error = _task_error(msg.error, handle.task_id, handle.topic)  # type: ignore[union-attr]
+                handle._complete(msg.result, error, msg.outcomes)  # type: ignore[union-attr]
         elif kind is p.Update:
             with self._lock:
                 handle = self._handles.get(msg.task)  # type: ignore[union-attr]
@@ -571,24 +584,26 @@ class Client:
             if task is not None:
                 task._cancelled_by_hub(msg.reason)  # type: ignore[union-attr]
         elif kind is p.Reply:
-            with self._lock:
-                waiter = self._requests.get(msg.id)  # type: ignore[union-attr]
-            if waiter is not None:
-                waiter[1].append(msg)  # type: ignore[arg-type]
-                waiter[0].set()
+            self._on_reply(msg)  # type: ignore[arg-type]
         else:
             raise ProtocolError(f"unexpected {msg.TYPE!r} from the hub")  # type: ignore[union-attr]
 
-    def _complete(self, handle: TaskHandle, done: p.Done) -> None:
-        error = None
-        if done.error is not None:
-            error = _task_error(done.error, handle.task_id, handle.topic)
-        handle._complete(done.result, error, done.outcomes)
+    def _on_reply(self, reply: p.Reply) -> None:
+        with self._lock:
+            waiter = self._requests.get(reply.id)
+            pattern = self._resubscribing.pop(reply.id, None)
+        if waiter is not None:
+            waiter[1].append(reply)
+            waiter[0].set()
+        elif pattern is not None and reply.error is not None:
+            logger.error("re-subscribing to %r failed: %s", pattern, reply.error.message)
+
+    # ----------------------------------------------------------------- handlers
 
     def _accept_task(self, msg: p.Task) -> None:
-        task = Task(self, msg)
         with self._lock:
             closing = self._closing
+            task = Task(self, msg, self._generation)
             if not closing:
                 self._running[task.id] = task
         if closing:
@@ -625,34 +640,104 @@ class Client:
                     reply = p.Fail(task.id, type(exc).__name__, str(exc)[:2000])
                 else:
                     reply = p.Result(task.id, result)
-            try:
-                text = p.encode(reply)
-            except (TypeError, ValueError) as exc:
-                text = p.encode(
-                    p.Fail(task.id, type(exc).__name__, f"result is not JSON-serializable: {exc}")
-                )
-            if len(text.encode()) > self.max_message_size:
-                text = p.encode(
-                    p.Fail(task.id, "PayloadTooLarge", "result is over the hub's max_message_size")
-                )
-            try:
-                self._ws.send(text)
-            except (OSError, websocket.WebSocketException):
-                logger.debug("result of %s dropped: connection lost", task.id)
+            self._send_for_task(task, reply)
         finally:
             with self._lock:
                 self._running.pop(task.id, None)
 
-    def _fail_all(self, error: BaseException) -> None:
-        """Fail every pending handle and wake every waiting request."""
+    # ----------------------------------------------------------------- sending
+
+    def _check_open(self) -> None:
+        """Requires self._lock."""
+        if self._closing:
+            raise ConnectionLost("the client is closed")
+        if self._ended.is_set():
+            raise ConnectionLost(f"connection to {self.url} lost: {self._lost}")
+
+    def _request(self, msg: p.Subscribe | p.Unsubscribe) -> None:
+        if threading.current_thread() is self._reader:
+            raise ConcurrencyError("sub()/unsub() from a callback would deadlock")
+        self._wait_connected()
+        done = threading.Event()
+        box: list[p.Reply] = []
+        with self._lock:
+            self._check_open()
+            request_id = next(self._ids)
+            self._requests[request_id] = (done, box)
+        try:
+            msg = type(msg)(request_id, msg.pattern)
+            self._send(msg)
+            if not done.wait(self.request_timeout):
+                raise TimeoutError(f"no answer to {msg.TYPE} {msg.pattern!r} from the hub")
+        finally:
+            with self._lock:
+                self._requests.pop(request_id, None)
+        if not box:
+            raise ConnectionLost(f"connection to {self.url} lost: {self._lost}")
+        error = box[0].error
+        if error is not None:
+            if error.code == "permission_denied":
+                raise PermissionDenied(error.message, topic=msg.pattern)
+            if error.code == "invalid_topic":
+                raise InvalidTopic(error.message)
+            if error.code == "too_many_subscriptions":
+                raise LimitExceeded(error.message)
+            raise TaskHubError(error.message)
+
+    def _send(self, msg: p.Message) -> None:
+        try:
+            self._ws.send(p.encode(msg))
+        except (OSError, websocket.WebSocketException) as exc:
+            raise ConnectionLost(f"cannot send to {self.url}: {exc}") from exc
+
+    def _send_quietly(self, msg: p.Message) -> None:
+        """Send, ignoring a lost connection (the hub has failed the task anyway)."""
+        try:
+            self._send(msg)
+        except ConnectionLost:
+            logger.debug("dropped %s: connection lost", msg.TYPE)  # type: ignore[union-attr]
+
+    def _send_for_task(self, task: Task, msg: p.Message) -> None:
+        """Send a worker message, unless the task came on an earlier connection (the
+        hub has already failed or redelivered it) or the result can't be sent."""
+        try:
+            text = p.encode(msg)
+        except (TypeError, ValueError) as exc:
+            text = p.encode(
+                p.Fail(task.id, type(exc).__name__, f"result is not JSON-serializable: {exc}")
+            )
+        if len(text.encode()) > self.max_message_size:
+            text = p.encode(
+                p.Fail(
+                    task.id,
+                    "PayloadTooLarge",
+                    "the result is over the hub's max_message_size",
+                    code="payload_too_large",
+                )
+            )
+        with self._lock:
+            if task._generation != self._generation:
+                return
+            ws = self._ws
+        try:
+            ws.send(text)
+        except (OSError, websocket.WebSocketException):
+            logger.debug("%s for %s dropped: connection lost", msg.TYPE, task.id)  # type: ignore[union-attr]
+
+    def _fail_handles(self, error: BaseException) -> None:
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()
-            requests = list(self._requests.values())
-            running = list(self._running.values())
         for handle in handles:
             if not handle.done():
                 handle._complete(None, error, {})
+
+    def _fail_all(self, error: BaseException) -> None:
+        """Fail every pending handle and wake every waiting request."""
+        self._fail_handles(error)
+        with self._lock:
+            requests = list(self._requests.values())
+            running = list(self._running.values())
         for done, _ in requests:
             done.set()
         for task in running:

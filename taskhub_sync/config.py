@@ -27,3 +27,17 @@ DEFAULT_MAX_WORKERS = 8
 
 #: Topics: at most this many characters.
 MAX_TOPIC_LENGTH = 200
+#: Messages that may queue for one connection before it is dropped as a slow consumer.
+DEFAULT_MAX_QUEUED_MESSAGES = 10_000
+#: Seconds the hub keeps a disconnected publisher's tasks for it to resume.
+DEFAULT_RESUME_GRACE = 5.0
+#: Tasks one connection may have pending at once.
+DEFAULT_MAX_PENDING = 10_000
+#: Patterns one connection may subscribe to.
+DEFAULT_MAX_SUBSCRIPTIONS = 1_000
+#: Connections that may be in the upgrade/authentication phase at once.
+DEFAULT_MAX_HANDSHAKES = 256
+#: Failed authentications per remote host per minute before it is refused outright.
+DEFAULT_AUTH_FAILURE_LIMIT = 20
+#: (first, max) seconds between a client's reconnect attempts; doubles per attempt.
+DEFAULT_RECONNECT_DELAY = (0.1, 5.0)

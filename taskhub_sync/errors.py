@@ -15,6 +15,7 @@ Every error the library raises on purpose derives from :class:`TaskHubError`::
     │   ├── TaskFailed           the worker raised; .service, .remote_type, .remote_message
     │   ├── WorkerLost           the worker's connection dropped while it held the task
     │   └── PayloadTooLarge      payload or result over the hub's max_message_size
+    ├── LimitExceeded            a per-connection limit of the hub (pending tasks, subscriptions)
     ├── InvalidState             not allowed in this state
     └── ConcurrencyError         a call from a thread where it would deadlock
 
@@ -39,6 +40,7 @@ __all__ = [
     "TaskFailed",
     "WorkerLost",
     "PayloadTooLarge",
+    "LimitExceeded",
     "InvalidState",
     "ConcurrencyError",
 ]
@@ -163,6 +165,10 @@ class WorkerLost(_RemoteTaskError):
     """
 
     code = "worker_lost"
+
+
+class LimitExceeded(TaskHubError):
+    """A per-connection limit of the hub was reached (pending tasks, subscriptions)."""
 
 
 class InvalidState(TaskHubError):

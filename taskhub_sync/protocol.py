@@ -187,7 +187,10 @@ class _Message:
 
 @dataclass(frozen=True)
 class Hello(_Message):
-    """client -> hub, first message: who I am and how many tasks I run at once."""
+    """client -> hub, first message: who I am and how many tasks I run at once.
+
+    ``session`` asks to resume a previous session (after a dropped connection).
+    """
 
     TYPE = "hello"
     FIELDS = (
@@ -195,16 +198,23 @@ class Hello(_Message):
         ("name", str, True),
         ("key", str, True),
         ("concurrency", _positive_int, True),
+        ("session", _optional(str), False),
     )
     name: str
     key: str = field(repr=False)
     concurrency: int = 1
+    session: str | None = None
     v: int = VERSION
 
 
 @dataclass(frozen=True)
 class Welcome(_Message):
-    """hub -> client: authenticated; the hub's limits."""
+    """hub -> client: authenticated; the hub's limits.
+
+    ``resumed`` is true when the hello's session was resumed: its pending tasks
+    are still alive and what it missed follows. ``resume_grace`` is how long the
+    hub keeps a publisher's tasks after its connection drops.
+    """
 
     TYPE = "welcome"
     FIELDS = (
@@ -212,10 +222,14 @@ class Welcome(_Message):
         ("session", str, True),
         ("max_message_size", int, True),
         ("task_start_timeout", float, True),
+        ("resumed", bool, False),
+        ("resume_grace", float, False),
     )
     session: str
     max_message_size: int
     task_start_timeout: float
+    resumed: bool = False
+    resume_grace: float = 0.0
     v: int = VERSION
 
 
@@ -279,8 +293,8 @@ class Task(_Message):
     )
     task: str
     topic: str
-    payload: Any
-    publisher: str
+    payload: Any = None  # None is sent by omission
+    publisher: str = ""
 
 
 @dataclass(frozen=True)
@@ -315,13 +329,23 @@ class Result(_Message):
 
 @dataclass(frozen=True)
 class Fail(_Message):
-    """worker -> hub: the handler raised ``error_type(message)``."""
+    """worker -> hub: the handler raised ``error_type(message)``.
+
+    ``code`` is set when the library (not the handler) failed the task, e.g.
+    ``payload_too_large`` for a result over the hub's limit.
+    """
 
     TYPE = "fail"
-    FIELDS = (("task", str, True), ("error_type", str, True), ("message", str, True))
+    FIELDS = (
+        ("task", str, True),
+        ("error_type", str, True),
+        ("message", str, True),
+        ("code", _optional(str), False),
+    )
     task: str
     error_type: str
     message: str
+    code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -401,7 +425,9 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not valid JSON")
 
 
-_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# ensure_ascii: a JSON "\\ud800" escape decodes to a lone surrogate, which has no
+# UTF-8 form; escaping keeps any decoded string re-encodable.
+_encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
 
 

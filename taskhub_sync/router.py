@@ -114,7 +114,16 @@ class _Service:
     waiting: deque[_Recipient] = field(default_factory=deque)
 
 
-_START, _FINISH = 0, 1
+@dataclass(eq=False)
+class _Detached:
+    """A publisher whose connection dropped, kept for resume_grace seconds."""
+
+    conn: _Conn
+    deadline: float
+    buffer: list[p.Message] = field(default_factory=list)  # what it missed, in order
+
+
+_START, _FINISH, _GRACE = 0, 1, 2
 
 
 class Router:
@@ -123,12 +132,31 @@ class Router:
     Args:
         task_start_timeout: Seconds a task waits for its recipients to start or answer.
         task_finish_timeout: Default seconds from publish until a task times out.
+        resume_grace: Seconds a disconnected publisher's tasks are kept, with the
+            updates and results they produce, for it to resume its session.
+        max_pending: Tasks one connection may have pending at once.
+        max_subscriptions: Patterns one connection may subscribe to.
+        max_buffered: Updates kept for a disconnected publisher (results always are).
     """
 
-    def __init__(self, *, task_start_timeout: float, task_finish_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        task_start_timeout: float,
+        task_finish_timeout: float,
+        resume_grace: float = 0.0,
+        max_pending: int = 10_000,
+        max_subscriptions: int = 1_000,
+        max_buffered: int = 10_000,
+    ) -> None:
         self.task_start_timeout = task_start_timeout
         self.task_finish_timeout = task_finish_timeout
+        self.resume_grace = resume_grace
+        self.max_pending = max_pending
+        self.max_subscriptions = max_subscriptions
+        self.max_buffered = max_buffered
         self._conns: dict[str, _Conn] = {}
+        self._detached: dict[str, _Detached] = {}
         self._services: dict[str, _Service] = {}
         self._tasks: dict[str, _Task] = {}
         # pattern key -> service -> instances subscribed (conn ids, in order)
@@ -138,6 +166,7 @@ class Router:
         self._seq = itertools.count()
         #: Counters, for stats and tests.
         self.late_messages = 0
+        self.dropped_updates = 0
 
     # ----------------------------------------------------------------- queries
 
@@ -170,8 +199,16 @@ class Router:
 
     # ----------------------------------------------------------------- inputs
 
-    def connect(self, conn_id: str, credential: Credential, concurrency: int) -> None:
+    def can_resume(self, conn_id: str, service: str) -> bool:
+        """True if ``conn_id`` is a detached publisher of ``service`` within its grace."""
+        detached = self._detached.get(conn_id)
+        return detached is not None and detached.conn.credential.name == service
+
+    def connect(self, conn_id: str, credential: Credential, concurrency: int) -> list[Outgoing]:
         """Register an authenticated connection.
+
+        If ``conn_id`` names a detached publisher (see ``can_resume()``), the new
+        connection takes its pending tasks over and gets what it missed, in order.
 
         Raises:
             AuthenticationError: If ``max_instances`` instances of it are connected.
@@ -185,7 +222,14 @@ class Router:
                 f"(max_instances={credential.max_instances})"
             )
         svc.instances += 1
-        self._conns[conn_id] = _Conn(conn_id, credential, concurrency)
+        conn = self._conns[conn_id] = _Conn(conn_id, credential, concurrency)
+        detached = self._detached.pop(conn_id, None)
+        if detached is None:
+            return []
+        if detached.conn.credential.name != credential.name:
+            raise ValueError(f"connection {conn_id!r} belonged to another service")
+        conn.published = detached.conn.published
+        return [Outgoing(conn_id, m) for m in detached.buffer]
 
     def receive(self, conn_id: str, message: p.Message, now: float) -> list[Outgoing]:
         """Handle one message from an authenticated connection.
@@ -217,15 +261,13 @@ class Router:
         svc.instances -= 1
         for pattern in conn.patterns:
             self._index_remove(pattern, name, conn_id)
-        # Tasks it published: nobody waits for them any more; stop their workers.
-        for task_id in list(conn.published):
-            task = self._tasks.pop(task_id)
-            for r in task.recipients.values():
-                if r.state in (RState.DELIVERED, RState.STARTED):
-                    r.state = RState.ENDED
-                    out.append(Outgoing(r.conn_id, p.Cancel(task_id, "publisher gone")))  # type: ignore[arg-type]
-                elif r.state is RState.QUEUED:
-                    r.state = RState.FINISHED
+        # Tasks it published: keep them for a while in case it comes back.
+        if conn.published and self.resume_grace > 0:
+            deadline = now + self.resume_grace
+            self._detached[conn_id] = _Detached(conn, deadline)
+            self._push_deadline(deadline, _GRACE, conn_id)
+        else:
+            self._abandon(conn.published, out)
         # Tasks it held: hand unstarted ones to another instance, fail the rest.
         for r in conn.held.values():
             if r.state is RState.DELIVERED and r.task.window_open:
@@ -252,6 +294,12 @@ class Router:
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             deadline, _, kind, task_id = heapq.heappop(heap)
+            if kind == _GRACE:
+                detached = self._detached.get(task_id)  # task_id is a conn id here
+                if detached is not None and detached.deadline == deadline:
+                    del self._detached[task_id]
+                    self._abandon(detached.conn.published, out)
+                continue
             task = self._tasks.get(task_id)
             if task is None:
                 continue
@@ -270,14 +318,8 @@ class Router:
                     error = p.ErrorInfo("connection_lost", reason, service=r.service)
                     r.outcome = p.Outcome(p.LOST, error=error)
             self._tasks.pop(task.id)
-            out.append(
-                Outgoing(
-                    task.publisher,
-                    p.Done(
-                        task.id, self._outcomes(task), error=p.ErrorInfo("connection_lost", reason)
-                    ),
-                )
-            )
+            error = p.ErrorInfo("connection_lost", reason)
+            self._to_publisher(task, p.Done(task.id, self._outcomes(task), error=error), out)
         return out
 
     # ----------------------------------------------------------------- handlers
@@ -291,6 +333,9 @@ class Router:
         if not topics.permits_pattern(cred.sub_permissions, pattern):
             text = f"service {cred.name!r} may not listen to {pattern!r}"
             return [Outgoing(conn.id, p.Reply(msg.id, p.ErrorInfo("permission_denied", text)))]
+        if pattern not in conn.patterns and len(conn.patterns) >= self.max_subscriptions:
+            text = f"too many subscriptions on one connection (max {self.max_subscriptions})"
+            return [Outgoing(conn.id, p.Reply(msg.id, p.ErrorInfo("too_many_subscriptions", text)))]
         out = [Outgoing(conn.id, p.Reply(msg.id))]
         if pattern not in conn.patterns:
             conn.patterns.add(pattern)
@@ -319,6 +364,9 @@ class Router:
         if not topics.permits(cred.pub_permissions, topic):
             text = f"service {cred.name!r} may not publish to {topic!r}"
             return [self._reject(conn, task_id, "permission_denied", text)]
+        if len(conn.published) >= self.max_pending:
+            text = f"too many pending tasks on one connection (max {self.max_pending})"
+            return [self._reject(conn, task_id, "too_many_pending", text)]
         candidates = self._candidates(topic)
         if not candidates:
             return [
@@ -362,16 +410,19 @@ class Router:
         if old is RState.ENDED:
             self.late_messages += 1
         elif type(msg) is p.Update:
-            out.append(Outgoing(r.task.publisher, p.Update(msg.task, msg.data, r.service)))
+            self._to_publisher(r.task, p.Update(msg.task, msg.data, r.service), out)
         elif type(msg) is p.Result:
             self._settle(r, p.Outcome(p.OK, msg.result), out)
         elif type(msg) is p.Fail:
-            error = p.ErrorInfo(
-                "failed",
-                f"{msg.error_type}: {msg.message}",
-                service=r.service,
-                remote_type=msg.error_type,
-            )
+            if msg.code is None:  # the handler raised
+                error = p.ErrorInfo(
+                    "failed",
+                    f"{msg.error_type}: {msg.message}",
+                    service=r.service,
+                    remote_type=msg.error_type,
+                )
+            else:  # the worker's library failed it, e.g. payload_too_large
+                error = p.ErrorInfo(msg.code, msg.message, service=r.service)
             self._settle(r, p.Outcome(p.FAILED, error=error), out)
         if new is RState.FINISHED:
             del conn.held[msg.task]
@@ -457,6 +508,8 @@ class Router:
     def _finish(self, task: _Task, out: list[Outgoing]) -> None:
         del self._tasks[task.id]
         publisher = self._conns.get(task.publisher)
+        if publisher is None and task.publisher in self._detached:
+            publisher = self._detached[task.publisher].conn
         if publisher is not None:
             publisher.published.discard(task.id)
         error = None
@@ -472,13 +525,32 @@ class Router:
                     error = p.ErrorInfo(
                         "no_subscribers", f"no subscriber of {task.topic!r} took the task in time"
                     )
-        out.append(
-            Outgoing(
-                task.publisher,
-                p.Done(task.id, self._outcomes(task), winner=task.winner, error=error),
-            )
-        )
+        done = p.Done(task.id, self._outcomes(task), winner=task.winner, error=error)
+        self._to_publisher(task, done, out)
         self._maybe_compact()
+
+    def _to_publisher(self, task: _Task, msg: p.Message, out: list[Outgoing]) -> None:
+        """Send to the task's publisher, or keep it for it while it is detached."""
+        detached = self._detached.get(task.publisher)
+        if detached is None:
+            out.append(Outgoing(task.publisher, msg))
+        elif type(msg) is p.Update and len(detached.buffer) >= self.max_buffered:
+            self.dropped_updates += 1  # bounded: results are always kept, updates may not
+        else:
+            detached.buffer.append(msg)
+
+    def _abandon(self, task_ids: Iterable[str], out: list[Outgoing]) -> None:
+        """Drop tasks whose publisher is gone for good; tell their workers to stop."""
+        for task_id in list(task_ids):
+            task = self._tasks.pop(task_id, None)
+            if task is None:
+                continue
+            for r in task.recipients.values():
+                if r.state in (RState.DELIVERED, RState.STARTED):
+                    r.state = RState.ENDED
+                    out.append(Outgoing(r.conn_id, p.Cancel(task_id, "publisher gone")))  # type: ignore[arg-type]
+                elif r.state is RState.QUEUED:
+                    r.state = RState.FINISHED
 
     def _outcomes(self, task: _Task) -> dict[str, p.Outcome]:
         return {svc: r.outcome for svc, r in task.recipients.items() if r.outcome}
@@ -533,7 +605,8 @@ class Router:
         # when they outnumber the live ones, so memory tracks pending tasks only.
         heap = self._deadlines
         if len(heap) > 4 * len(self._tasks) + 256:
-            self._deadlines = [e for e in heap if e[3] in self._tasks]
+            live = self._tasks.keys() | self._detached.keys()
+            self._deadlines = [e for e in heap if e[3] in live]
             heapq.heapify(self._deadlines)
 
 

@@ -30,6 +30,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from . import config
 from . import protocol as p
 from ._deadline import Deadline
+from ._transport import StreamSocket
 from .auth import DUMMY_KEY, StoredKey
 from .errors import AuthenticationError, ProtocolError
 from .router import Credential, Outgoing, Router
@@ -56,6 +57,7 @@ class _Connection:
     def __init__(self, server: Server, sock: socket.socket, addr: Any) -> None:
         self.server = server
         self.sock = sock
+        self.stream = StreamSocket(sock)
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         self.id = self.peer  # replaced by a unique id once authenticated
         self.name: str | None = None
@@ -64,37 +66,50 @@ class _Connection:
         self.send_lock = threading.Lock()  # one writer at a time, in outbox order
         self.outbox: deque[ev.Event | p.Message] = deque()
         self.dead = False
+        self.slow = False  # set under the server lock when its outbox overflows
         self.thread = threading.Thread(
             target=self._run, name=f"taskhub-conn-{self.peer}", daemon=True
         )
 
     # -- writing -----------------------------------------------------------
 
-    def flush(self) -> None:
-        """Write everything queued in the outbox. Safe from any thread."""
-        with self.send_lock:
-            if not self.outbox:
-                return
-            chunks = []
-            try:
-                with self.ws_lock:
-                    while self.outbox:
-                        item = self.outbox.popleft()
-                        if not isinstance(item, ev.Event):
-                            item = ev.TextMessage(p.encode(item))
-                        chunks.append(self.ws.send(item))
-            except LocalProtocolError:
-                pass  # closing: wsproto refuses data after a Close; drop it
-            if self.dead or not chunks:
+    def flush(self, wait: bool = False) -> None:
+        """Write everything queued in the outbox, in one ``sendall``. Safe from any thread.
+
+        Doesn't wait for another writer (unless ``wait``): whoever holds the send lock
+        checks the outbox again after releasing it, so nothing queued is stranded,
+        and a thread routing a message never stalls behind a slow consumer's write.
+        """
+        while self.outbox and not self.dead:
+            if not self.send_lock.acquire(blocking=wait):
                 return
             try:
-                self.sock.sendall(b"".join(chunks))
-            except OSError as exc:  # includes timeouts: a slow consumer
+                self._write_queued()
+            finally:
+                self.send_lock.release()
+
+    def _write_queued(self) -> None:
+        """Encode and write the outbox. Requires self.send_lock."""
+        chunks = []
+        try:
+            with self.ws_lock:
+                while self.outbox:
+                    item = self.outbox.popleft()
+                    if not isinstance(item, ev.Event):
+                        item = ev.TextMessage(p.encode(item))
+                    chunks.append(self.ws.send(item))
+        except LocalProtocolError:
+            pass  # closing: wsproto refuses data after a Close; drop it
+        if chunks and not self.dead:
+            try:
+                self.stream.sendall(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            except OSError as exc:  # includes the socket timeout: a slow consumer
                 self._abort(f"send failed: {exc!r}")
 
     def send_now(self, item: ev.Event | p.Message) -> None:
+        """Queue and write, waiting for the send lock (order matters to the caller)."""
         self.outbox.append(item)
-        self.flush()
+        self.flush(wait=True)
 
     def close(self, code: int, reason: str) -> None:
         """Send a Close frame (if still open). The reader thread then winds down."""
@@ -107,7 +122,13 @@ class _Connection:
         """Tear the socket down now; wakes the reader blocked in recv()."""
         if not self.dead:
             self.dead = True
-            logger.info("connection %s (%s) dropped: %s", self.peer, self.name, why)
+            logger.log(
+                logging.WARNING if why.startswith("slow") else logging.DEBUG,
+                "connection %s (%s) dropped: %s",
+                self.peer,
+                self.name,
+                why,
+            )
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -126,7 +147,7 @@ class _Connection:
                 deadline = Deadline(1.0)
                 while not deadline.expired():
                     self.sock.settimeout(deadline.remaining())
-                    if not self.sock.recv(_RECV_SIZE):
+                    if not self.stream.recv_some():
                         break
             except (OSError, ValueError):
                 pass
@@ -136,7 +157,7 @@ class _Connection:
 
     def _recv_events(self) -> list[ev.Event]:
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            data = self.stream.recv_some()
         except ssl.SSLError as exc:
             raise _Closed(p.CLOSE_PROTOCOL_ERROR, f"TLS error: {exc}") from None
         if not data:
@@ -151,6 +172,7 @@ class _Connection:
         try:
             self._handshake(Deadline(server.auth_timeout))
             registered = True
+            server._count_authenticated()
             self._serve()
         except _Closed as exc:
             if exc.code not in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY):
@@ -173,13 +195,19 @@ class _Connection:
                 self.sock.close()
             except OSError:
                 pass
-            server._forget(self)
+            server._forget(self, registered)
 
     def _handshake(self, deadline: Deadline) -> None:
         """Accept the WebSocket upgrade, then read and check hello. Bounded by deadline."""
         server = self.server
         accepted = False
         text: list[str] = []
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(deadline.remaining())
+            try:
+                self.sock.do_handshake()
+            except ssl.SSLError as exc:
+                raise _Closed(p.CLOSE_NORMAL, f"TLS handshake failed: {exc}") from None
         while True:
             remaining = deadline.remaining()
             if remaining is not None and remaining <= 0:
@@ -213,7 +241,7 @@ class _Connection:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         try:
-            self.sock.sendall(head + body)
+            self.stream.sendall(head + body)
         except OSError:
             pass
         self.dead = True
@@ -228,20 +256,29 @@ class _Connection:
             raise _Closed(p.CLOSE_BAD_MESSAGE, "the first message must be hello")
         if hello.v != p.VERSION:
             raise _Closed(p.CLOSE_BAD_MESSAGE, f"unsupported protocol version {hello.v}")
+        host = self.peer.rsplit(":", 1)[0]
+        if server._auth_limiter.blocked(host, time.monotonic()):
+            raise _Closed(p.CLOSE_AUTH_FAILED, "too many failed authentications; retry later")
         entry = server._credentials.get(hello.name)
         stored = entry[0] if entry else DUMMY_KEY
         if not stored.verify(hello.key) or entry is None:
-            logger.warning("authentication failed for %r from %s", hello.name, self.peer)
+            server._auth_limiter.failed(host, time.monotonic())
+            logger.warning("authentication failed for %r from %s", hello.name[:100], self.peer)
             raise _Closed(p.CLOSE_AUTH_FAILED, "authentication failed: unknown name or wrong key")
-        credential = entry[1]
         self.name = hello.name
-        self.id = f"{hello.name}#{uuid.uuid4().hex[:12]}"
+        concurrency = min(hello.concurrency, _MAX_CONCURRENCY)
         try:
-            server._on_connect(self, credential, min(hello.concurrency, _MAX_CONCURRENCY))
+            resumed = server._on_connect(self, entry[1], concurrency, hello.session)
         except AuthenticationError as exc:
             raise _Closed(p.CLOSE_TOO_MANY_INSTANCES, str(exc)) from None
-        self.send_now(p.Welcome(self.id, server.max_message_size, server.task_start_timeout))
-        logger.info("%s connected from %s as %s", hello.name, self.peer, self.id)
+        self.flush(wait=True)  # welcome first, then whatever a resumed session missed
+        logger.info(
+            "%s connected from %s as %s%s",
+            hello.name,
+            self.peer,
+            self.id,
+            " (resumed)" if resumed else "",
+        )
 
     def _serve(self) -> None:
         """Read, decode and route messages until the connection ends."""
@@ -289,6 +326,29 @@ class _Connection:
                     raise _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
 
 
+class _FailureLimiter:
+    """Counts failures per key in a sliding window. Callers need no lock: each call
+    is a few dict/deque operations that the GIL keeps atomic enough for a limit."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def failed(self, key: str, now: float) -> None:
+        if len(self._failures) > 10_000:  # bound memory under a spray of addresses
+            self._failures = {
+                k: v for k, v in self._failures.items() if v and v[-1] > now - self.window
+            }
+        self._failures.setdefault(key, deque()).append(now)
+
+    def blocked(self, key: str, now: float) -> bool:
+        times = self._failures.get(key)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        return bool(times) and len(times) >= self.limit  # type: ignore[arg-type]
+
+
 class Server:
     """The task hub: a WebSocket server routing tasks between services.
 
@@ -302,6 +362,16 @@ class Server:
         ping_interval: Seconds of silence after which the hub pings a client; a
             client silent for two intervals is dropped. Also bounds a blocked write.
         ssl_context: Serve ``wss://`` with this server-side SSLContext.
+        max_queued_messages: Messages that may wait to be written to one connection;
+            a connection that falls further behind is dropped as a slow consumer.
+        resume_grace: Seconds the hub keeps a disconnected publisher's tasks (and the
+            updates and results they produce) for its client to reconnect and resume.
+        max_pending: Tasks one connection may have pending at once.
+        max_subscriptions: Patterns one connection may subscribe to.
+        max_handshakes: Connections that may be upgrading/authenticating at once;
+            more are refused at once (idle sockets can't pin unbounded threads).
+        auth_failure_limit: Failed authentications per remote host per minute after
+            which that host is refused without a key check.
 
     ``start()`` returns once the hub is listening; ``serve_forever()`` blocks until
     ``stop()`` (from another thread) or Ctrl-C. ``with Server(...) as hub:`` starts it
@@ -319,6 +389,12 @@ class Server:
         max_message_size: int = config.DEFAULT_MAX_MESSAGE_SIZE,
         ping_interval: float = config.DEFAULT_PING_INTERVAL,
         ssl_context: ssl.SSLContext | None = None,
+        max_queued_messages: int = config.DEFAULT_MAX_QUEUED_MESSAGES,
+        resume_grace: float = config.DEFAULT_RESUME_GRACE,
+        max_pending: int = config.DEFAULT_MAX_PENDING,
+        max_subscriptions: int = config.DEFAULT_MAX_SUBSCRIPTIONS,
+        max_handshakes: int = config.DEFAULT_MAX_HANDSHAKES,
+        auth_failure_limit: int = config.DEFAULT_AUTH_FAILURE_LIMIT,
     ) -> None:
         for name, value in (
             ("task_start_timeout", task_start_timeout),
@@ -338,18 +414,30 @@ class Server:
         self.max_message_size = int(max_message_size)
         self.ping_interval = float(ping_interval)
         self.ssl_context = ssl_context
+        self.max_queued_messages = int(max_queued_messages)
+        if resume_grace < 0:
+            raise ValueError("resume_grace must be >= 0 seconds")
+        self.resume_grace = float(resume_grace)
+        self.max_handshakes = int(max_handshakes)
+        self._auth_limiter = _FailureLimiter(auth_failure_limit, window=60.0)
         self._credentials: dict[str, tuple[StoredKey, Credential]] = {}
 
         self._lock = threading.Lock()  # guards _router, _conns, _timer_target
         self._timer_wakeup = threading.Condition(self._lock)
         self._router = Router(
-            task_start_timeout=self.task_start_timeout, task_finish_timeout=self.task_finish_timeout
+            task_start_timeout=self.task_start_timeout,
+            task_finish_timeout=self.task_finish_timeout,
+            resume_grace=self.resume_grace,
+            max_pending=max_pending,
+            max_subscriptions=max_subscriptions,
+            max_buffered=self.max_queued_messages,
         )
         self._conns: dict[str, _Connection] = {}  # authenticated, by conn id
         self._timer_target: float | None = None
 
-        self._threads_lock = threading.Lock()  # guards _all_conns
+        self._threads_lock = threading.Lock()  # guards _all_conns, _authenticated
         self._all_conns: set[_Connection] = set()
+        self._authenticated = 0
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._timer_thread: threading.Thread | None = None
@@ -540,12 +628,25 @@ class Server:
                 if self.stopping:
                     sock.close()
                     return
+                handshaking = len(self._all_conns) - self._authenticated
+                if handshaking >= self.max_handshakes:
+                    logger.warning(
+                        "refusing %s: %d connections still handshaking", conn.peer, handshaking
+                    )
+                    sock.close()
+                    continue
                 self._all_conns.add(conn)
             conn.thread.start()
 
-    def _forget(self, conn: _Connection) -> None:
+    def _forget(self, conn: _Connection, registered: bool) -> None:
         with self._threads_lock:
             self._all_conns.discard(conn)
+            if registered:
+                self._authenticated -= 1
+
+    def _count_authenticated(self) -> None:
+        with self._threads_lock:
+            self._authenticated += 1
 
     def _timer_loop(self) -> None:
         while True:
@@ -564,20 +665,31 @@ class Server:
             self._flush(targets)
 
     def _enqueue(self, out: Iterable[Outgoing]) -> list[_Connection]:
-        """Queue router output on each target's outbox. Requires self._lock."""
+        """Queue router output on each target's outbox. Requires self._lock.
+
+        A connection whose outbox is full is a slow consumer: it gets nothing more
+        and is dropped by _flush(), after the lock is released.
+        """
         targets: dict[str, _Connection] = {}
         conns = self._conns
+        limit = self.max_queued_messages
         for o in out:
             conn = conns.get(o.conn_id)
             if conn is not None:
-                conn.outbox.append(o.message)
+                if len(conn.outbox) < limit:
+                    conn.outbox.append(o.message)
+                else:
+                    conn.slow = True
                 targets[o.conn_id] = conn
         return list(targets.values())
 
     @staticmethod
     def _flush(targets: Iterable[_Connection]) -> None:
         for conn in targets:
-            conn.flush()
+            if conn.slow:
+                conn._abort("slow consumer: too many messages queued for it")
+            else:
+                conn.flush()
 
     def _route(self, conn: _Connection, message: p.Message) -> None:
         with self._lock:
@@ -589,16 +701,48 @@ class Server:
                 self._timer_wakeup.notify()
         self._flush(targets)
 
-    def _on_connect(self, conn: _Connection, credential: Credential, concurrency: int) -> None:
+    def _on_connect(
+        self, conn: _Connection, credential: Credential, concurrency: int, session: str | None
+    ) -> bool:
+        """Register an authenticated connection and queue its welcome; True if it
+        resumed ``session``. Raises AuthenticationError past max_instances."""
+        name = credential.name
+        now = time.monotonic()
         with self._lock:
             if self.stopping:
                 raise _Closed(p.CLOSE_GOING_AWAY, "hub shutting down")
-            self._router.connect(conn.id, credential, concurrency)
+            out: list[Outgoing] = []
+            old = self._conns.get(session) if session else None
+            if old is not None and old.name == name:
+                # The client saw its connection die before we did: retire the old one.
+                del self._conns[old.id]
+                out += self._router.disconnect(old.id, now)
+            else:
+                old = None
+            resumed = session is not None and self._router.can_resume(session, name)
+            conn.id = session if resumed else f"{name}#{uuid.uuid4().hex[:16]}"  # type: ignore[assignment]
+            out += self._router.connect(conn.id, credential, concurrency)
             self._conns[conn.id] = conn
+            conn.outbox.append(
+                p.Welcome(
+                    conn.id,
+                    self.max_message_size,
+                    self.task_start_timeout,
+                    resumed,
+                    self.resume_grace,
+                )
+            )
+            targets = self._enqueue(out)
+        if old is not None:
+            old._abort("replaced by a new connection of the same session")
+        self._flush(t for t in targets if t is not conn)
+        return resumed
 
     def _on_disconnect(self, conn: _Connection) -> None:
         with self._lock:
-            self._conns.pop(conn.id, None)
+            if self._conns.get(conn.id) is not conn:
+                return  # already retired (a resumed session replaced it)
+            del self._conns[conn.id]
             out = self._router.disconnect(conn.id, time.monotonic())
             targets = self._enqueue(out)
         self._flush(targets)
