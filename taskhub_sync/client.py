@@ -338,10 +338,8 @@ class Client:
         except (OSError, websocket.WebSocketException):
             pass
         self._reader.join(deadline.remaining())
-        if self._reader.is_alive():
-            ws.abort()
-            self._reader.join(1.0)
-        ws.shutdown()
+        _drop(self._ws)  # wakes the reader if the hub did not answer the Close
+        self._reader.join(1.0)
         self._fail_all(ConnectionLost("the client was closed"))
 
     @property
@@ -510,7 +508,7 @@ class Client:
         finally:
             self._ended.set()
             self._connected.set()  # wake waiters: they see _ended
-            self._ws.abort()
+            _drop(self._ws)
             lost = self._lost
             if not isinstance(lost, ConnectionLost):
                 lost = ConnectionLost(f"connection to {self.url} lost: {lost}")
@@ -551,7 +549,7 @@ class Client:
             self._generation += 1
             running = list(self._running.values())
             requests = list(self._requests.values())
-        self._ws.abort()
+        _drop(self._ws)
         if not self._closing:
             logger.warning("connection to %s lost: %s", self.url, error)
         for task in running:  # the hub has given these to someone else or failed them
@@ -742,6 +740,21 @@ class Client:
             done.set()
         for task in running:
             task._cancelled_by_hub("connection lost")
+
+
+def _drop(ws: websocket.WebSocket) -> None:
+    """Shut the socket down (waking any thread blocked on it), then close it.
+
+    Not ws.abort(): it does nothing once websocket-client has seen a Close frame,
+    which left the socket open and the hub waiting for our EOF.
+    """
+    stream = ws.sock
+    if stream is not None:
+        try:
+            stream.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    ws.shutdown()
 
 
 def _close_info(data: bytes) -> tuple[int | None, str]:

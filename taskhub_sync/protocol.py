@@ -131,7 +131,8 @@ def _outcomes(value: Any, name: str) -> dict[str, Outcome]:
         raise ProtocolError(f"field {name!r} must be an object")
     out = {}
     for service, item in value.items():
-        if not isinstance(item, dict) or item.get("status") not in STATUSES:
+        status = item.get("status") if isinstance(item, dict) else None
+        if not isinstance(status, str) or status not in STATUSES:
             raise ProtocolError(f"bad outcome for {service!r} in {name!r}")
         out[service] = Outcome(
             status=item["status"],
@@ -159,9 +160,13 @@ def _timeout(value: Any, name: str) -> float | None:
     if value is None:
         return None
     _check(value, float, name)
-    if not value > 0 or value != value or value == float("inf"):
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = float("inf")
+    if not 0 < seconds < float("inf"):
         raise ProtocolError(f"field {name!r} must be a positive number of seconds")
-    return float(value)
+    return seconds
 
 
 class _Message:
@@ -425,10 +430,17 @@ def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not valid JSON")
 
 
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e999: valid JSON, but no float holds it
+        raise ProtocolError(f"number {text[:20]} is out of range")
+    return value
+
+
 # ensure_ascii: a JSON "\\ud800" escape decodes to a lone surrogate, which has no
 # UTF-8 form; escaping keeps any decoded string re-encodable.
 _encoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-_decoder = json.JSONDecoder(parse_constant=_reject_constant)
+_decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
 
 
 def encode(message: Message) -> str:
@@ -459,7 +471,8 @@ def decode(text: str | bytes) -> Message:
         raise ProtocolError(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("a message must be a JSON object")
-    cls = _TYPES.get(obj.get("type"))  # type: ignore[arg-type]
+    kind = obj.get("type")
+    cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {obj.get('type')!r}")
     kwargs = {}

@@ -267,7 +267,7 @@ class Router:
             self._detached[conn_id] = _Detached(conn, deadline)
             self._push_deadline(deadline, _GRACE, conn_id)
         else:
-            self._abandon(conn.published, out)
+            self._abandon(conn.published, out, departing=conn_id)
         # Tasks it held: hand unstarted ones to another instance, fail the rest.
         for r in conn.held.values():
             if r.state is RState.DELIVERED and r.task.window_open:
@@ -284,7 +284,13 @@ class Router:
             else:
                 r.state = RState.FINISHED
         conn.held.clear()
-        if svc.instances == 0 and not svc.waiting:
+        # Tasks waiting for an instance of this service that no instance left can take.
+        for r in list(svc.waiting):
+            if r.state is RState.QUEUED and not self._candidates(r.task.topic).get(name):
+                r.state = RState.FINISHED
+                self._settle(r, p.Outcome(p.LOST), out)
+        if svc.instances == 0:
+            svc.waiting.clear()  # every entry is settled by now
             del self._services[name]
         return out
 
@@ -310,16 +316,24 @@ class Router:
         return out
 
     def shutdown(self, reason: str = "hub shutting down") -> list[Outgoing]:
-        """Fail every pending task (the hub is going away)."""
+        """Fail every pending task (the hub is going away).
+
+        Workers' later messages about these tasks are accepted as late ones.
+        """
         out: list[Outgoing] = []
         for task in list(self._tasks.values()):
             for r in task.recipients.values():
                 if r.outcome is None:
                     error = p.ErrorInfo("connection_lost", reason, service=r.service)
                     r.outcome = p.Outcome(p.LOST, error=error)
+                if r.state in (RState.DELIVERED, RState.STARTED):
+                    r.state = RState.ENDED
+                elif r.state is RState.QUEUED:
+                    r.state = RState.FINISHED
             self._tasks.pop(task.id)
             error = p.ErrorInfo("connection_lost", reason)
             self._to_publisher(task, p.Done(task.id, self._outcomes(task), error=error), out)
+        self._maybe_compact()
         return out
 
     # ----------------------------------------------------------------- handlers
@@ -539,8 +553,11 @@ class Router:
         else:
             detached.buffer.append(msg)
 
-    def _abandon(self, task_ids: Iterable[str], out: list[Outgoing]) -> None:
-        """Drop tasks whose publisher is gone for good; tell their workers to stop."""
+    def _abandon(
+        self, task_ids: Iterable[str], out: list[Outgoing], departing: str | None = None
+    ) -> None:
+        """Drop tasks whose publisher is gone for good; tell their workers to stop
+        (except ``departing``, the connection going away, which holds some of them)."""
         for task_id in list(task_ids):
             task = self._tasks.pop(task_id, None)
             if task is None:
@@ -548,9 +565,11 @@ class Router:
             for r in task.recipients.values():
                 if r.state in (RState.DELIVERED, RState.STARTED):
                     r.state = RState.ENDED
-                    out.append(Outgoing(r.conn_id, p.Cancel(task_id, "publisher gone")))  # type: ignore[arg-type]
+                    if r.conn_id != departing:
+                        out.append(Outgoing(r.conn_id, p.Cancel(task_id, "publisher gone")))  # type: ignore[arg-type]
                 elif r.state is RState.QUEUED:
                     r.state = RState.FINISHED
+        self._maybe_compact()
 
     def _outcomes(self, task: _Task) -> dict[str, p.Outcome]:
         return {svc: r.outcome for svc, r in task.recipients.items() if r.outcome}

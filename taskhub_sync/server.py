@@ -25,11 +25,23 @@ from typing import Any
 
 import wsproto
 import wsproto.events as ev
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from wsproto.utilities import RemoteProtocolError
 
 from . import config
 from . import protocol as p
 from ._deadline import Deadline
+from ._frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameReader,
+    encode_close,
+    encode_frame,
+    parse_close,
+)
 from ._transport import StreamSocket
 from .auth import DUMMY_KEY, StoredKey
 from .errors import AuthenticationError, ProtocolError
@@ -39,7 +51,6 @@ from .topics import validate_permission
 logger = logging.getLogger(__name__)
 
 _MAX_CONCURRENCY = 1024  # cap on what a client may claim in hello
-_RECV_SIZE = 65536
 
 
 class _Closed(Exception):
@@ -52,7 +63,12 @@ class _Closed(Exception):
 
 
 class _Connection:
-    """One client socket. The reader thread owns reads; any thread may flush()."""
+    """One client socket. The reader thread owns reads; any thread may flush().
+
+    States: ``upgraded`` once the WebSocket handshake is done, ``close_sent`` once
+    our Close frame is queued (nothing is written after it), ``dead`` once the
+    socket is shut down.
+    """
 
     def __init__(self, server: Server, sock: socket.socket, addr: Any) -> None:
         self.server = server
@@ -61,10 +77,11 @@ class _Connection:
         self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
         self.id = self.peer  # replaced by a unique id once authenticated
         self.name: str | None = None
-        self.ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
-        self.ws_lock = threading.Lock()  # guards self.ws (wsproto is not thread-safe)
+        self.reader = FrameReader(server.max_message_size)
         self.send_lock = threading.Lock()  # one writer at a time, in outbox order
-        self.outbox: deque[ev.Event | p.Message] = deque()
+        self.outbox: deque[bytes | p.Message] = deque()  # messages or ready frames
+        self.upgraded = False
+        self.close_sent = False
         self.dead = False
         self.slow = False  # set under the server lock when its outbox overflows
         self.thread = threading.Thread(
@@ -91,32 +108,33 @@ class _Connection:
     def _write_queued(self) -> None:
         """Encode and write the outbox. Requires self.send_lock."""
         chunks = []
-        try:
-            with self.ws_lock:
-                while self.outbox:
-                    item = self.outbox.popleft()
-                    if not isinstance(item, ev.Event):
-                        item = ev.TextMessage(p.encode(item))
-                    chunks.append(self.ws.send(item))
-        except LocalProtocolError:
-            pass  # closing: wsproto refuses data after a Close; drop it
+        outbox = self.outbox
+        while outbox:
+            item = outbox.popleft()
+            if self.close_sent:
+                continue  # nothing may follow a Close frame
+            if type(item) is bytes:
+                chunks.append(item)
+                self.close_sent = item[0] == 0x80 | OP_CLOSE
+            else:
+                chunks.append(encode_frame(OP_TEXT, p.encode(item).encode()))  # type: ignore[arg-type]
         if chunks and not self.dead:
             try:
                 self.stream.sendall(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            except OSError as exc:  # includes the socket timeout: a slow consumer
-                self._abort(f"send failed: {exc!r}")
+            except (TimeoutError, socket.timeout):
+                self._abort("slow consumer: a write stayed blocked for ping_interval")
+            except OSError as exc:
+                self._abort(f"write failed: {exc!r}")
 
-    def send_now(self, item: ev.Event | p.Message) -> None:
+    def send_now(self, item: bytes | p.Message) -> None:
         """Queue and write, waiting for the send lock (order matters to the caller)."""
         self.outbox.append(item)
         self.flush(wait=True)
 
     def close(self, code: int, reason: str) -> None:
-        """Send a Close frame (if still open). The reader thread then winds down."""
-        with self.ws_lock:
-            open_ = self.ws.state is wsproto.connection.ConnectionState.OPEN
-        if open_:
-            self.send_now(ev.CloseConnection(code=code, reason=reason))
+        """Send a Close frame once (after the upgrade). The reader thread then winds down."""
+        if self.upgraded and not self.close_sent:
+            self.send_now(encode_close(code, reason))
 
     def _abort(self, why: str) -> None:
         """Tear the socket down now; wakes the reader blocked in recv()."""
@@ -155,16 +173,34 @@ class _Connection:
 
     # -- reading -----------------------------------------------------------
 
-    def _recv_events(self) -> list[ev.Event]:
+    def _recv(self) -> bytes:
         try:
             data = self.stream.recv_some()
         except ssl.SSLError as exc:
             raise _Closed(p.CLOSE_PROTOCOL_ERROR, f"TLS error: {exc}") from None
         if not data:
             raise _Closed(p.CLOSE_NORMAL, "peer closed the socket")
-        with self.ws_lock:
-            self.ws.receive_data(data)
-            return list(self.ws.events())
+        return data
+
+    def _frames(self) -> list[tuple[int, bytes]]:
+        """The next batch of frames; answers pings, turns a Close into _Closed."""
+        try:
+            frames = self.reader.feed(self._recv())
+        except FrameError as exc:
+            raise _Closed(exc.code, exc.reason) from None
+        for opcode, payload in frames:
+            if opcode == OP_PING:
+                self.send_now(encode_frame(OP_PONG, payload))
+            elif opcode == OP_CLOSE:
+                try:
+                    code, reason = parse_close(payload)
+                except FrameError as exc:
+                    raise _Closed(exc.code, exc.reason) from None
+                self.close(p.CLOSE_NORMAL if code == 1005 else code, "")  # the echo
+                raise _Closed(p.CLOSE_NORMAL, f"peer closed ({code} {reason})")
+            elif opcode == OP_BINARY:
+                raise _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
+        return frames
 
     def _run(self) -> None:
         server = self.server
@@ -177,8 +213,7 @@ class _Connection:
         except _Closed as exc:
             if exc.code not in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY):
                 logger.warning("closing %s (%s): %s", self.peer, self.name, exc.reason)
-            if exc.code != p.CLOSE_NORMAL or not self.dead:
-                self.close(exc.code, exc.reason[:120])
+            self.close(exc.code, exc.reason)
         except (TimeoutError, socket.timeout):
             self.close(p.CLOSE_AUTH_TIMEOUT, "handshake or authentication timed out")
         except OSError as exc:
@@ -199,54 +234,58 @@ class _Connection:
 
     def _handshake(self, deadline: Deadline) -> None:
         """Accept the WebSocket upgrade, then read and check hello. Bounded by deadline."""
-        server = self.server
-        accepted = False
-        text: list[str] = []
         if isinstance(self.sock, ssl.SSLSocket):
             self.sock.settimeout(deadline.remaining())
             try:
                 self.sock.do_handshake()
             except ssl.SSLError as exc:
                 raise _Closed(p.CLOSE_NORMAL, f"TLS handshake failed: {exc}") from None
+        request, rest = self._read_request(deadline)
+        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        try:
+            ws.receive_data(request)
+            events = list(ws.events())
+        except RemoteProtocolError as exc:
+            self._reject_http(f"Bad WebSocket upgrade request: {exc}")
+            raise _Closed(p.CLOSE_NORMAL, "bad upgrade request") from None
+        if not events or not isinstance(events[0], ev.Request):
+            self._reject_http("Bad WebSocket upgrade request")
+            raise _Closed(p.CLOSE_NORMAL, "bad upgrade request")
+        self.stream.sendall(ws.send(ev.AcceptConnection()))  # no extensions (LP-03)
+        self.upgraded = True
+        frames = self.reader.feed(rest) if rest else []
         while True:
-            remaining = deadline.remaining()
-            if remaining is not None and remaining <= 0:
-                raise socket.timeout("auth timeout")
-            self.sock.settimeout(remaining)
-            try:
-                events = self._recv_events()
-            except RemoteProtocolError as exc:
-                self._reject_http(400, f"Bad WebSocket upgrade request: {exc}")
-                raise _Closed(p.CLOSE_NORMAL, "bad upgrade request") from None
-            for event in events:
-                if isinstance(event, ev.Request):
-                    self.send_now(ev.AcceptConnection())  # no extensions: LP-03
-                    accepted = True
-                elif isinstance(event, ev.TextMessage) and accepted:
-                    text.append(event.data)
-                    if sum(map(len, text)) > server.max_message_size:
-                        raise _Closed(p.CLOSE_TOO_BIG, "hello too large")
-                    if event.message_finished:
-                        self._authenticate("".join(text))
-                        return
-                elif isinstance(event, ev.CloseConnection):
-                    raise _Closed(p.CLOSE_NORMAL, "closed during handshake")
-                elif isinstance(event, ev.BytesMessage):
-                    raise _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
+            for opcode, payload in frames:
+                if opcode == OP_TEXT:
+                    self._authenticate(payload)
+                    return
+            self.sock.settimeout(max(deadline.remaining() or 0.0, 0.001))
+            frames = self._frames()
 
-    def _reject_http(self, status: int, text: str) -> None:
+    def _read_request(self, deadline: Deadline) -> tuple[bytes, bytes]:
+        """The HTTP upgrade request, and whatever came after it."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            if len(data) > 16384:
+                self._reject_http("Request header too large")
+                raise _Closed(p.CLOSE_NORMAL, "request header too large")
+            self.sock.settimeout(max(deadline.remaining() or 0.0, 0.001))
+            data += self._recv()
+        end = data.index(b"\r\n\r\n") + 4
+        return data[:end], data[end:]
+
+    def _reject_http(self, text: str) -> None:
         body = text.encode()
         head = (
-            f"HTTP/1.1 {status} Bad Request\r\nContent-Type: text/plain\r\n"
+            f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         try:
             self.stream.sendall(head + body)
         except OSError:
             pass
-        self.dead = True
 
-    def _authenticate(self, text: str) -> None:
+    def _authenticate(self, text: bytes) -> None:
         server = self.server
         try:
             hello = p.decode(text)
@@ -281,49 +320,37 @@ class _Connection:
         )
 
     def _serve(self) -> None:
-        """Read, decode and route messages until the connection ends."""
+        """Read, decode and route messages until the connection ends.
+
+        All messages that arrived together are routed under one acquisition of the
+        router lock, and what they produce is written in one go per connection.
+        """
         server = self.server
         self.sock.settimeout(server.ping_interval)
-        text: list[str] = []
-        size = 0
         awaiting_pong = False
         while True:
             try:
-                events = self._recv_events()
+                frames = self._frames()
             except (TimeoutError, socket.timeout):
                 if awaiting_pong:
                     raise _Closed(p.CLOSE_GOING_AWAY, "no heartbeat answer") from None
                 awaiting_pong = True
-                self.send_now(ev.Ping(b"hb"))
+                self.send_now(encode_frame(OP_PING, b"hb"))
                 continue
             awaiting_pong = False
-            for event in events:
-                if isinstance(event, ev.TextMessage):
-                    text.append(event.data)
-                    size += len(event.data)
-                    if size > server.max_message_size:
-                        raise _Closed(p.CLOSE_TOO_BIG, "message over max_message_size")
-                    if event.message_finished:
-                        data = text[0] if len(text) == 1 else "".join(text)
-                        text.clear()
-                        size = 0
-                        try:
-                            message = p.decode(data)
-                            server._route(self, message)
-                        except ProtocolError as exc:
-                            raise _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {exc}") from None
-                elif isinstance(event, ev.Ping):
-                    self.send_now(event.response())
-                elif isinstance(event, ev.CloseConnection):
-                    with self.ws_lock:
-                        must_answer = (
-                            self.ws.state is wsproto.connection.ConnectionState.REMOTE_CLOSING
-                        )
-                    if must_answer:
-                        self.send_now(event.response())
-                    raise _Closed(p.CLOSE_NORMAL, "peer closed")
-                elif isinstance(event, ev.BytesMessage):
-                    raise _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
+            messages = []
+            error = None
+            for opcode, payload in frames:
+                if opcode == OP_TEXT:
+                    try:
+                        messages.append(p.decode(payload))
+                    except ProtocolError as exc:
+                        error = exc
+                        break
+            if messages:
+                error = server._route(self, messages) or error
+            if error is not None:
+                raise _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {error}")
 
 
 class _FailureLimiter:
@@ -691,15 +718,30 @@ class Server:
             else:
                 conn.flush()
 
-    def _route(self, conn: _Connection, message: p.Message) -> None:
+    def _route(self, conn: _Connection, messages: list[p.Message]) -> ProtocolError | None:
+        """Route messages from one connection, in order, under one lock.
+
+        Returns the ProtocolError that stopped it, if any (the messages before it
+        have been routed; the caller closes the connection).
+        """
+        error = None
+        out: list[Outgoing] = []
         with self._lock:
-            out = self._router.receive(conn.id, message, time.monotonic())
+            now = time.monotonic()
+            receive = self._router.receive
+            for message in messages:
+                try:
+                    out += receive(conn.id, message, now)
+                except ProtocolError as exc:
+                    error = exc
+                    break
             targets = self._enqueue(out)
             due = self._router.next_deadline()
             if due is not None and (self._timer_target is None or due < self._timer_target):
                 self._timer_target = due
                 self._timer_wakeup.notify()
         self._flush(targets)
+        return error
 
     def _on_connect(
         self, conn: _Connection, credential: Credential, concurrency: int, session: str | None

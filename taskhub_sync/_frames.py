@@ -1,0 +1,156 @@
+"""WebSocket frames (RFC 6455, section 5) on the hub's side of a connection. Pure.
+
+wsproto does the HTTP upgrade; after it, the hub reads and writes frames with this
+module. The profile that justified it: wsproto's per-frame parsing (a generator
+pipeline, an event object per frame) was about half of the hub's CPU per task in
+bench/micro.py, where this parser costs a fraction. It also rejects an oversized
+message from its header, before reading the payload (PITFALLS LP-04/LP-07).
+
+Scope: what a server needs with no extension negotiated. Client frames must be
+masked, with no reserved bits; control frames are at most 125 bytes and never
+fragmented; text must be UTF-8.
+"""
+
+from __future__ import annotations
+
+import struct
+
+OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
+OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
+_DATA_OPS = (OP_TEXT, OP_BINARY)
+_CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
+
+_PACK_16 = struct.Struct("!BBH").pack
+_PACK_64 = struct.Struct("!BBQ").pack
+
+
+class FrameError(Exception):
+    """The peer broke the framing rules; close the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def encode_frame(opcode: int, payload: bytes) -> bytes:
+    """One unmasked, final frame (server to client)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return _PACK_16(0x80 | opcode, 126, n) + payload
+    return _PACK_64(0x80 | opcode, 127, n) + payload
+
+
+def encode_close(code: int, reason: str = "") -> bytes:
+    """A Close frame with ``code`` and a reason cut to fit the 125-byte limit."""
+    data = reason.encode("utf-8")[:123]
+    return encode_frame(OP_CLOSE, struct.pack("!H", code) + data.decode("utf-8", "ignore").encode())
+
+
+def parse_close(payload: bytes) -> tuple[int, str]:
+    """(code, reason) of a received Close frame; 1005 when it carries no code."""
+    if not payload:
+        return 1005, ""
+    if len(payload) == 1:
+        raise FrameError(1002, "a Close frame payload of 1 byte")
+    code = struct.unpack("!H", payload[:2])[0]
+    if code < 1000 or 1004 <= code <= 1006 or 1015 <= code < 3000 or code >= 5000:
+        raise FrameError(1002, f"invalid close code {code}")
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise FrameError(1007, "close reason is not UTF-8") from None
+
+
+def unmask(data: bytes | bytearray, mask: bytes | bytearray) -> bytes:
+    """XOR ``data`` with the repeating 4-byte ``mask`` (as one big-integer XOR)."""
+    n = len(data)
+    if n == 0:
+        return b""
+    key = (bytes(mask) * (n // 4 + 1))[:n]
+    value = int.from_bytes(data, "little") ^ int.from_bytes(key, "little")
+    return value.to_bytes(n, "little")
+
+
+class FrameReader:
+    """Turns bytes from a client into whole messages and control frames.
+
+    ``feed(data)`` returns a list of ``(opcode, payload)``: ``OP_TEXT``/``OP_BINARY``
+    with the reassembled message, or a control opcode with its payload. Raises
+    FrameError on a violation; a message over ``max_message_size`` is refused
+    (1009) as soon as a frame header announces it. Not thread-safe: one reader.
+    """
+
+    def __init__(self, max_message_size: int) -> None:
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._opcode: int | None = None  # opcode of the message being reassembled
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self._buf
+        buf += data
+        out: list[tuple[int, bytes]] = []
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            opcode = b0 & 0x0F
+            if b0 & 0x70:
+                raise FrameError(1002, "reserved bits set (no extension was negotiated)")
+            if not b1 & 0x80:
+                raise FrameError(1002, "client frames must be masked")
+            n = b1 & 0x7F
+            head = 2
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 4], "big")
+                head = 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
+                head = 10
+            self._check(opcode, bool(b0 & 0x80), n)
+            total = head + 4 + n
+            if end - pos < total:
+                break
+            payload = unmask(buf[pos + head + 4 : pos + total], buf[pos + head : pos + head + 4])
+            pos += total
+            if opcode in _CONTROL_OPS:
+                out.append((opcode, payload))
+                continue
+            if opcode != OP_CONT:
+                self._opcode = opcode
+            if b0 & 0x80:
+                whole = payload if not self._parts else b"".join(self._parts) + payload
+                out.append((self._opcode, whole))  # type: ignore[arg-type]
+                self._parts.clear()
+                self._size = 0
+                self._opcode = None
+            else:
+                self._parts.append(payload)
+                self._size += n
+        if pos:
+            del buf[:pos]
+        return out
+
+    def _check(self, opcode: int, fin: bool, n: int) -> None:
+        if opcode in _CONTROL_OPS:
+            if not fin or n > 125:
+                raise FrameError(1002, "control frames must be final and at most 125 bytes")
+        elif opcode in _DATA_OPS:
+            if self._opcode is not None:
+                raise FrameError(1002, "a new message began before the last one ended")
+            if n > self.max_message_size:
+                raise FrameError(1009, "message over max_message_size")
+        elif opcode == OP_CONT:
+            if self._opcode is None:
+                raise FrameError(1002, "continuation frame without a message")
+            if self._size + n > self.max_message_size:
+                raise FrameError(1009, "message over max_message_size")
+        else:
+            raise FrameError(1002, f"unknown opcode {opcode}")
