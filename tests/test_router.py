@@ -772,12 +772,6 @@ def test_publisher_disconnect_also_releases_its_own_held_tasks(router: Router) -
     assert router.expire(100.0) == []
 
 
-@pytest.mark.xfail(
-    reason="BUG: disconnect() abandons the departing conn's published tasks before "
-    "releasing what it held, so a task it both published and held gets a Cancel "
-    "addressed to the departing connection itself",
-    strict=True,
-)
 def test_disconnect_sends_nothing_to_the_departing_conn(router: Router) -> None:
     """disconnect() never returns Outgoing for the connection that just left."""
     join(router, "s1#1", "s1", "a")
@@ -956,11 +950,6 @@ def test_deadline_heap_bounded_by_pending_tasks(router: Router) -> None:
     assert len(router._deadlines) <= 4 * 1000 + 256 + 2
 
 
-@pytest.mark.xfail(
-    reason="BUG: _maybe_compact() runs only in _finish(); tasks dropped by a publisher's "
-    "disconnect (or by shutdown) leave their deadlines in the heap until due",
-    strict=True,
-)
 def test_deadline_heap_bounded_when_publishers_leave(router: Router) -> None:
     """Tasks whose publisher left do not keep their deadlines in the heap."""
     join(router, "s#1", "s", "a", concurrency=100_000)
@@ -1036,12 +1025,6 @@ def test_disconnect_removes_subscriptions(router: Router) -> None:
     assert router._services.keys() == {"pub"}
 
 
-@pytest.mark.xfail(
-    reason="BUG: disconnect() drops the last instance's DELIVERED tasks at once "
-    "(no_subscribers) but leaves tasks QUEUED for that service in svc.waiting; they "
-    "wait out the window and end as 'overloaded' although no instance exists",
-    strict=True,
-)
 def test_queued_task_dropped_when_last_instance_leaves(one: Router) -> None:
     """A task waiting for a service whose last instance leaves ends at once, no_subscribers."""
     one.receive("pub", Publish("t1", "a"), 0.0)
