@@ -7,7 +7,7 @@ import logging
 import threading
 from typing import Any, Callable
 
-from .errors import ConcurrencyError
+from .errors import ConcurrencyError, InvalidState
 from .protocol import Outcome
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
         self._updates: list[Any] = []
         self._listeners: list[_Listener] = []
         self._results: dict[str, Outcome] = {}
+        self._completing = False  # set once, under _condition, by _complete()
 
     def __repr__(self) -> str:
         state = "done" if self.done() else "running"
@@ -154,7 +155,13 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
     def _complete(
         self, result: Any, error: BaseException | None, outcomes: dict[str, Outcome]
     ) -> None:
-        self._results = outcomes
+        """Finish the handle once. Raises InvalidState the second time."""
+        with self._condition:
+            if self._completing:
+                raise InvalidState(f"task {self.task_id} is already done")
+            self._completing = True
+            self._results = outcomes
+        # Outside the lock: Future runs done-callbacks (user code) in set_*().
         if error is None:
             self.set_result(result)
         else:

@@ -9,7 +9,13 @@ import threading
 import pytest
 
 from taskhub_sync import protocol as p
-from taskhub_sync.errors import ConcurrencyError, NoSubscribers, TaskFailed, TaskHubError
+from taskhub_sync.errors import (
+    ConcurrencyError,
+    InvalidState,
+    NoSubscribers,
+    TaskFailed,
+    TaskHubError,
+)
 from taskhub_sync.handle import TaskHandle
 
 OUTCOMES = {"s1": p.Outcome(p.OK, result=42)}
@@ -142,22 +148,17 @@ def test_get_result_wakes_when_completed_from_another_thread(handle: TaskHandle)
 
 
 def test_complete_twice_raises_and_keeps_first_result(handle: TaskHandle) -> None:
-    """A second completion raises; the first result stands."""
+    """A second completion raises InvalidState; the first result stands."""
     handle._complete(1, None, OUTCOMES)
-    with pytest.raises(concurrent.futures.InvalidStateError):
+    with pytest.raises(InvalidState):
         handle._complete(2, None, {})
     assert handle.get_result() == 1
 
 
-@pytest.mark.xfail(
-    reason="BUG: _complete() assigns self._results before set_result(), so a second "
-    "(illegal) completion replaces the outcomes although it raises",
-    strict=True,
-)
 def test_complete_twice_keeps_first_outcomes(handle: TaskHandle) -> None:
     """A second (illegal) completion leaves results as the first one set them."""
     handle._complete(1, None, OUTCOMES)
-    with pytest.raises(concurrent.futures.InvalidStateError):
+    with pytest.raises(InvalidState):
         handle._complete(2, None, {"other": p.Outcome(p.SEEN)})
     assert handle.results == OUTCOMES
 
