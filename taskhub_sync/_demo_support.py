@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: Seconds a child gets to stop after SIGTERM before SIGKILL.
-STOP_GRACE = 3.0
+STOP_GRACE = 2.0
 
 
 class DemoError(Exception):

@@ -480,9 +480,10 @@ def _add_demo(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout",
         type=_positive_float,
-        default=20.0,
+        default=15.0,
         metavar="SECONDS",
-        help="give up after this long (default %(default)s)",
+        help="give up after this long, plus a few seconds to stop the processes "
+        "(default %(default)s)",
     )
     p.set_defaults(run=_cmd_demo)
 

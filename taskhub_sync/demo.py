@@ -126,7 +126,7 @@ class _Printer:
 
 
 def run_demo(
-    *, emails: int = 5, timeout: float = 20.0, verbose: int = 0, out: TextIO | None = None
+    *, emails: int = 5, timeout: float = 15.0, verbose: int = 0, out: TextIO | None = None
 ) -> bool:
     """Run the whole scenario (see the module docstring) and check its result.
 

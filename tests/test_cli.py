@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import smtplib
 import socket
 import sys
 import threading
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from taskhub_sync import Client, Server, Task
-from taskhub_sync._demo_support import ManagedProcess
+from taskhub_sync._demo_support import ManagedProcess, SmtpSink
 from taskhub_sync.auth import StoredKey
 from taskhub_sync.cli import (
     EXIT_DENIED,
@@ -28,6 +29,7 @@ from taskhub_sync.cli import (
     EXIT_USAGE,
     main,
 )
+from taskhub_sync.demo import run_demo
 
 CLI_KEY = "cli-test-key"
 WORKER_KEY = "worker-test-key"
@@ -398,3 +400,23 @@ def test_serve_stops_when_stdin_closes(serve_proc: list[ManagedProcess]) -> None
     proc.proc.stdin.close()
     assert proc.wait(10) == 0
     assert any("taskhub stopped" in line for line in proc.stderr_tail)
+
+
+def test_demo_fails_cleanly_when_out_of_time() -> None:
+    """A demo that runs out of time reports FAILED and leaves no process or thread."""
+    out = io.StringIO()
+    assert run_demo(emails=1, timeout=0.2, out=out) is False
+    assert "demo: FAILED" in out.getvalue()
+
+
+def test_smtp_sink_records_what_smtplib_sends() -> None:
+    """The sink speaks enough SMTP for sendmail, unstuffs dots and keeps every message."""
+    with SmtpSink() as sink, smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as smtp:
+        smtp.sendmail("a@example.com", ["b@example.com", "c@example.com"], b"Hi\r\n.dot\r\n")
+        smtp.sendmail("d@example.com", ["e@example.com"], b"second")
+        assert smtp.noop()[0] == 250
+    first, second = sink.messages
+    assert first.mail_from == "a@example.com"
+    assert first.rcpt_to == ("b@example.com", "c@example.com")
+    assert first.data == b"Hi\r\n.dot\r\n"
+    assert (second.rcpt_to, second.data) == (("e@example.com",), b"second\r\n")
