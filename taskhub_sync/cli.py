@@ -212,7 +212,7 @@ def default_config(host: str | None = None, port: int | None = None) -> HubConfi
     creds = tuple(
         CredentialConfig(
             name=name,
-            key=secrets.token_urlsafe(18),
+            key=secrets.token_hex(16),
             sub_permissions=subs,
             pub_permissions=pubs,
             max_instances=instances,
@@ -272,7 +272,7 @@ def _print_how_to_connect(
         lines += ["", "No --config given: development credentials with keys made up for this run:"]
     else:
         lines += ["", f"Credentials from {cfg.source}:"]
-    lines.append(f"  {'name':<10} {'key':<26} {'may subscribe to':<20} may publish")
+    lines.append(f"  {'name':<10} {'key':<32} {'may subscribe to':<20} may publish")
     for c in cfg.credentials:
         if c.key_env is not None:
             key = f"${c.key_env}"
@@ -282,7 +282,7 @@ def _print_how_to_connect(
             key = (c.key or "") if builtin else "(in the file)"
         subs = " ".join(c.sub_permissions) or "-"
         pubs = " ".join(c.pub_permissions) or "-"
-        lines.append(f"  {c.name:<10} {key:<26} {subs:<20} {pubs}")
+        lines.append(f"  {c.name:<10} {key:<32} {subs:<20} {pubs}")
     if builtin:
         cli_key = next(c.key or "" for c in cfg.credentials if c.name == "cli")
         lines += [

@@ -143,7 +143,7 @@ def run_demo(
     """
     say = _Printer(out or sys.stdout)
     deadline = Deadline(timeout)
-    keys = {name: secrets.token_urlsafe(18) for name in SERVICES}
+    keys = {name: secrets.token_hex(16) for name in SERVICES}
     groups: list[list[ManagedProcess]] = []
     with tempfile.TemporaryDirectory(prefix="taskhub-demo-") as tmp, SmtpSink() as sink:
         say(f"demo: SMTP sink listening on 127.0.0.1:{sink.port}")
