@@ -82,9 +82,6 @@ def test_pub_and_sub_after_close_raise_connection_lost(make_client):
         client.sub("anything", lambda task: None)
 
 
-# The hub's connection thread crashes during this stop: see
-# test_server.py::test_stop_with_running_task_crashes_no_thread.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_pending_handles_fail_when_hub_stops(hub, make_client):
     """A pending handle fails with ConnectionLost when the hub stops; pub() then raises."""
     release = threading.Event()
