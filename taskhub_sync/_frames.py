@@ -1,18 +1,21 @@
-"""WebSocket frames (RFC 6455, section 5) on the hub's side of a connection. Pure.
+"""WebSocket frames (RFC 6455, section 5), both directions. Pure: no sockets.
 
-wsproto does the HTTP upgrade; after it, the hub reads and writes frames with this
-module. The profile that justified it: wsproto's per-frame parsing (a generator
-pipeline, an event object per frame) was about half of the hub's CPU per task in
-bench/micro.py, where this parser costs a fraction. It also rejects an oversized
-message from its header, before reading the payload (PITFALLS LP-04/LP-07).
+The libraries do the HTTP upgrade (wsproto on the hub, websocket-client in the
+client); after it, both sides read and write frames with this module. The profile
+that justified it (bench/micro.py): wsproto's per-frame parsing (a generator
+pipeline, an event object per frame) was about half of the hub's CPU per task, and
+websocket-client's receive path (several recv() calls and objects per frame) most
+of a client's; this parser costs a fraction of either. It also refuses an
+oversized message from its header, before reading the payload (PITFALLS LP-04/07).
 
-Scope: what a server needs with no extension negotiated. Client frames must be
-masked, with no reserved bits; control frames are at most 125 bytes and never
-fragmented; text must be UTF-8.
+Scope: no extension is negotiated, so reserved bits are errors. Frames from a
+client must be masked and frames from a server must not be; control frames are at
+most 125 bytes and never fragmented.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
@@ -33,20 +36,26 @@ class FrameError(Exception):
         self.reason = reason
 
 
-def encode_frame(opcode: int, payload: bytes) -> bytes:
-    """One unmasked, final frame (server to client)."""
+def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
+    """One final frame; ``mask`` for client-to-server frames (random key each)."""
     n = len(payload)
+    bit = 0x80 if mask else 0
     if n < 126:
-        return bytes((0x80 | opcode, n)) + payload
-    if n < 65536:
-        return _PACK_16(0x80 | opcode, 126, n) + payload
-    return _PACK_64(0x80 | opcode, 127, n) + payload
+        head = bytes((0x80 | opcode, bit | n))
+    elif n < 65536:
+        head = _PACK_16(0x80 | opcode, bit | 126, n)
+    else:
+        head = _PACK_64(0x80 | opcode, bit | 127, n)
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + unmask(payload, key)
 
 
-def encode_close(code: int, reason: str = "") -> bytes:
+def encode_close(code: int, reason: str = "", mask: bool = False) -> bytes:
     """A Close frame with ``code`` and a reason cut to fit the 125-byte limit."""
-    data = reason.encode("utf-8")[:123]
-    return encode_frame(OP_CLOSE, struct.pack("!H", code) + data.decode("utf-8", "ignore").encode())
+    data = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    return encode_frame(OP_CLOSE, struct.pack("!H", code) + data, mask)
 
 
 def parse_close(payload: bytes) -> tuple[int, str]:
@@ -75,16 +84,22 @@ def unmask(data: bytes | bytearray, mask: bytes | bytearray) -> bytes:
 
 
 class FrameReader:
-    """Turns bytes from a client into whole messages and control frames.
+    """Turns received bytes into whole messages and control frames.
 
     ``feed(data)`` returns a list of ``(opcode, payload)``: ``OP_TEXT``/``OP_BINARY``
     with the reassembled message, or a control opcode with its payload. Raises
     FrameError on a violation; a message over ``max_message_size`` is refused
     (1009) as soon as a frame header announces it. Not thread-safe: one reader.
+
+    Args:
+        max_message_size: Largest message accepted, in bytes.
+        masked: True on the hub (client frames must be masked), False in a client
+            (server frames must not be).
     """
 
-    def __init__(self, max_message_size: int) -> None:
+    def __init__(self, max_message_size: int, masked: bool = True) -> None:
         self.max_message_size = max_message_size
+        self._masked = masked
         self._buf = bytearray()
         self._parts: list[bytes] = []
         self._size = 0
@@ -100,8 +115,8 @@ class FrameReader:
             opcode = b0 & 0x0F
             if b0 & 0x70:
                 raise FrameError(1002, "reserved bits set (no extension was negotiated)")
-            if not b1 & 0x80:
-                raise FrameError(1002, "client frames must be masked")
+            if bool(b1 & 0x80) != self._masked:
+                raise FrameError(1002, "client frames must be masked, server frames not")
             n = b1 & 0x7F
             head = 2
             if n == 126:
@@ -115,10 +130,18 @@ class FrameReader:
                 n = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                 head = 10
             self._check(opcode, bool(b0 & 0x80), n)
-            total = head + 4 + n
-            if end - pos < total:
-                break
-            payload = unmask(buf[pos + head + 4 : pos + total], buf[pos + head : pos + head + 4])
+            if self._masked:
+                total = head + 4 + n
+                if end - pos < total:
+                    break
+                payload = unmask(
+                    buf[pos + head + 4 : pos + total], buf[pos + head : pos + head + 4]
+                )
+            else:
+                total = head + n
+                if end - pos < total:
+                    break
+                payload = bytes(buf[pos + head : pos + total])
             pos += total
             if opcode in _CONTROL_OPS:
                 out.append((opcode, payload))

@@ -19,7 +19,6 @@ import logging
 import random
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +30,18 @@ import websocket
 from . import config, topics
 from . import protocol as p
 from ._deadline import Deadline
+from ._frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameReader,
+    encode_close,
+    encode_frame,
+    parse_close,
+)
 from ._transport import StreamSocket
 from .errors import (
     AuthenticationError,
@@ -91,6 +102,62 @@ def _task_error(info: p.ErrorInfo, task_id: str, topic: str) -> TaskHubError:
             remote_message=remote_message or info.message,
         )
     return _TASK_ERRORS.get(code, TaskError)(info.message, task_id=task_id, topic=topic)
+
+
+#: Largest message the client accepts from the hub (the hub enforces its own limit
+#: on what it receives; a done message with several results may be larger).
+_MAX_INCOMING = 64 * 1024 * 1024
+
+
+class _Link:
+    """One open connection to the hub: our framing over a StreamSocket.
+
+    websocket-client did the upgrade; from there frames are ours (see _frames.py).
+    One reader thread calls read(); any thread may send_text().
+    """
+
+    def __init__(self, stream: StreamSocket) -> None:
+        self.stream = stream
+        self.backlog: list[tuple[int, bytes]] = []  # frames read before the reader ran
+        self._reader = FrameReader(_MAX_INCOMING, masked=False)
+        self._send_lock = threading.Lock()  # whole frames, never interleaved
+
+    def send_text(self, text: str) -> None:
+        self.write(encode_frame(OP_TEXT, text.encode(), mask=True))
+
+    def write(self, frame: bytes) -> None:
+        with self._send_lock:
+            self.stream.sendall(frame)
+
+    def read(self) -> list[tuple[int, bytes]]:
+        """The next frames. Raises ConnectionLost at EOF, ProtocolError on bad framing,
+        socket.timeout after the socket's timeout."""
+        if self.backlog:
+            frames, self.backlog = self.backlog, []
+            return frames
+        data = self.stream.recv_some()
+        if not data:
+            raise ConnectionLost("the hub closed the socket")
+        try:
+            return self._reader.feed(data)
+        except FrameError as exc:
+            raise ProtocolError(f"bad frame from the hub: {exc.reason}") from None
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.stream.settimeout(timeout)
+
+    @property
+    def sock(self) -> StreamSocket:
+        """The socket (tests shut it down to simulate a dropped connection)."""
+        return self.stream
+
+    def drop(self) -> None:
+        """Shut the socket down (waking any thread blocked on it), then close it."""
+        try:
+            self.stream.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.stream.close()
 
 
 class _Lost(Exception):
@@ -171,7 +238,7 @@ class Client:
         self._ssl_context = ssl_context
         self._max_workers = max_workers
 
-        self._lock = threading.Lock()  # guards the dicts below, _ws, _generation
+        self._lock = threading.Lock()  # guards the dicts below, _link, _generation
         self._handles: dict[str, TaskHandle] = {}
         self._handlers: dict[str, Handler] = {}
         self._requests: dict[int, tuple[threading.Event, list[p.Reply]]] = {}
@@ -186,8 +253,8 @@ class Client:
         self._ids = itertools.count(1)
         self._pool = _HandlerPool(max_workers, self._run_handler)
 
-        ws, welcome = self._connect(None, Deadline(open_timeout))
-        self._ws = ws
+        link, welcome = self._connect(None, Deadline(open_timeout))
+        self._link = link
         self._apply_welcome(welcome)
         self._connected.set()
         self._reader = threading.Thread(
@@ -236,10 +303,10 @@ class Client:
         with self._lock:
             self._check_open()
             self._handles[task_id] = handle
-            ws = self._ws
+            link = self._link
         try:
-            ws.send(text)
-        except (OSError, websocket.WebSocketException) as exc:
+            link.send_text(text)
+        except OSError as exc:
             with self._lock:
                 self._handles.pop(task_id, None)
             raise ConnectionLost(f"cannot publish: {exc}") from exc
@@ -332,15 +399,19 @@ class Client:
         deadline = Deadline(self.close_timeout)
         self._pool.shutdown(deadline.remaining())
         self._stop.set()
-        ws = self._ws
         try:
-            ws.send_close(p.CLOSE_NORMAL, b"client closing")
-        except (OSError, websocket.WebSocketException):
+            self._link.write(encode_close(p.CLOSE_NORMAL, "client closing", mask=True))
+        except OSError:
             pass
         self._reader.join(deadline.remaining())
-        _drop(self._ws)  # wakes the reader if the hub did not answer the Close
+        self._link.drop()  # wakes the reader if the hub did not answer the Close
         self._reader.join(1.0)
         self._fail_all(ConnectionLost("the client was closed"))
+
+    @property
+    def _ws(self) -> _Link:
+        """The current connection (a test seam: ``client._ws.sock.shutdown(...)``)."""
+        return self._link
 
     @property
     def closed(self) -> bool:
@@ -364,9 +435,7 @@ class Client:
 
     # ----------------------------------------------------------------- connecting
 
-    def _connect(
-        self, session: str | None, deadline: Deadline
-    ) -> tuple[websocket.WebSocket, p.Welcome]:
+    def _connect(self, session: str | None, deadline: Deadline) -> tuple[_Link, p.Welcome]:
         """Open, upgrade and authenticate one connection, within ``deadline``."""
         url = self.url
         parts = urlsplit(url)
@@ -383,12 +452,12 @@ class Client:
             if secure:
                 context = self._ssl_context or ssl.create_default_context()
                 sock = context.wrap_socket(sock, server_hostname=parts.hostname)
-            ws = websocket.create_connection(
+            stream = StreamSocket(sock)
+            # websocket-client does the HTTP upgrade; the frames after it are ours.
+            websocket.create_connection(
                 url,
                 timeout=deadline.remaining(),
-                socket=StreamSocket(sock),
-                skip_utf8_validation=True,  # decoding to str checks UTF-8 already, in C
-                enable_multithread=True,
+                socket=stream,
                 redirect_limit=0,  # never replay the handshake elsewhere (LP-18)
                 suppress_origin=True,
             )
@@ -396,31 +465,40 @@ class Client:
             raise TimeoutError(f"no answer from {url} within the open timeout") from exc
         except (OSError, websocket.WebSocketException) as exc:
             raise ConnectionLost(f"cannot connect to {url}: {exc}") from exc
+        link = _Link(stream)
         try:
-            hello = p.Hello(self.name, self._key, self._max_workers, session)
-            ws.send(p.encode(hello))
-            ws.settimeout(deadline.remaining())
-            while True:
-                opcode, frame = ws.recv_data_frame(False)
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    code, reason = _close_info(frame.data)
+            link.send_text(p.encode(p.Hello(self.name, self._key, self._max_workers, session)))
+            welcome = self._await_welcome(link, deadline)
+        except BaseException as exc:
+            link.drop()
+            if isinstance(exc, socket.timeout):
+                raise TimeoutError(f"no welcome from {url} within the open timeout") from None
+            if isinstance(exc, OSError):
+                raise ConnectionLost(f"connection to {url} lost: {exc}") from exc
+            raise
+        link.settimeout(self.ping_interval)
+        return link, welcome
+
+    def _await_welcome(self, link: _Link, deadline: Deadline) -> p.Welcome:
+        """Read until the hub's welcome (or its refusal); keep what follows it."""
+        while True:
+            link.settimeout(max(deadline.remaining() or 0.0, 0.001))
+            frames = link.read()
+            for i, (opcode, payload) in enumerate(frames):
+                if opcode == OP_CLOSE:
+                    try:
+                        code, reason = parse_close(payload)
+                    except FrameError as exc:
+                        raise ProtocolError(f"bad close frame from the hub: {exc}") from None
                     if code in p.FATAL_CLOSE_CODES:
                         raise AuthenticationError(reason or "authentication failed")
                     raise ConnectionLost(f"hub closed the connection: {code} {reason}")
-                if opcode == websocket.ABNF.OPCODE_TEXT:
-                    break
-            welcome = p.decode(frame.data)
-            if not isinstance(welcome, p.Welcome):
-                raise ProtocolError(f"expected welcome, got {welcome.TYPE!r}")
-        except BaseException as exc:
-            ws.shutdown()
-            if isinstance(exc, websocket.WebSocketTimeoutException):
-                raise TimeoutError(f"no welcome from {url} within the open timeout") from None
-            if isinstance(exc, (OSError, websocket.WebSocketException)):
-                raise ConnectionLost(f"connection to {url} lost: {exc}") from exc
-            raise
-        ws.settimeout(self.ping_interval)
-        return ws, welcome
+                if opcode == OP_TEXT:
+                    welcome = p.decode(payload)
+                    if not isinstance(welcome, p.Welcome):
+                        raise ProtocolError(f"expected welcome, got {welcome.TYPE!r}")  # type: ignore[union-attr]
+                    link.backlog = frames[i + 1 :]
+                    return welcome
 
     def _apply_welcome(self, welcome: p.Welcome) -> None:
         self.session = welcome.session
@@ -449,7 +527,7 @@ class Client:
             if self._stop.wait(delay):
                 return False
             try:
-                ws, welcome = self._connect(self.session, Deadline(self.open_timeout))
+                link, welcome = self._connect(self.session, Deadline(self.open_timeout))
             except AuthenticationError as exc:
                 self._lost = exc
                 logger.error("the hub refused %r on reconnect: %s", self.name, exc)
@@ -463,9 +541,9 @@ class Client:
                 continue
             with self._lock:
                 if self._closing:
-                    ws.shutdown()
+                    link.drop()
                     return False
-                self._ws = ws
+                self._link = link
                 patterns = list(self._handlers)
             self._apply_welcome(welcome)
             if not welcome.resumed:
@@ -491,7 +569,7 @@ class Client:
         try:
             while True:
                 try:
-                    self._read(self._ws)
+                    self._read(self._link)
                 except _Lost as lost:
                     error = lost.error
                 if self._closing:
@@ -508,38 +586,45 @@ class Client:
         finally:
             self._ended.set()
             self._connected.set()  # wake waiters: they see _ended
-            _drop(self._ws)
+            self._link.drop()
             lost = self._lost
             if not isinstance(lost, ConnectionLost):
                 lost = ConnectionLost(f"connection to {self.url} lost: {lost}")
             self._fail_all(lost)
 
-    def _read(self, ws: websocket.WebSocket) -> None:
+    def _read(self, link: _Link) -> None:
         """Read and dispatch until this connection ends; raises _Lost with why."""
         awaiting_pong = False
         try:
             while True:
                 try:
-                    opcode, frame = ws.recv_data_frame(True)
-                except websocket.WebSocketTimeoutException:
+                    frames = link.read()
+                except socket.timeout:
                     if awaiting_pong:
                         raise _Lost(
                             ConnectionLost("the hub stopped answering heartbeats")
                         ) from None
                     awaiting_pong = True
-                    ws.ping(b"hb")
+                    link.write(encode_frame(OP_PING, b"hb", mask=True))
                     continue
                 awaiting_pong = False
-                if opcode == websocket.ABNF.OPCODE_TEXT:
-                    self._dispatch(p.decode(frame.data))
-                elif opcode == websocket.ABNF.OPCODE_CLOSE:
-                    code, reason = _close_info(frame.data)
-                    if code in p.FATAL_CLOSE_CODES:
-                        raise _Lost(AuthenticationError(reason))
-                    raise _Lost(ConnectionLost(f"hub closed the connection: {code} {reason}"))
-                elif opcode == websocket.ABNF.OPCODE_BINARY:
-                    raise ProtocolError("the hub sent a binary frame")
-        except (OSError, websocket.WebSocketException, TaskHubError) as exc:
+                for opcode, payload in frames:
+                    if opcode == OP_TEXT:
+                        self._dispatch(p.decode(payload))
+                    elif opcode == OP_PING:
+                        link.write(encode_frame(OP_PONG, payload, mask=True))
+                    elif opcode == OP_CLOSE:
+                        code, reason = parse_close(payload)
+                        try:  # the closing handshake's echo
+                            link.write(encode_close(p.CLOSE_NORMAL, "", mask=True))
+                        except OSError:
+                            pass
+                        if code in p.FATAL_CLOSE_CODES:
+                            raise _Lost(AuthenticationError(reason))
+                        raise _Lost(ConnectionLost(f"hub closed the connection: {code} {reason}"))
+                    elif opcode == OP_BINARY:
+                        raise ProtocolError("the hub sent a binary frame")
+        except (OSError, FrameError, TaskHubError) as exc:
             raise _Lost(exc) from None
 
     def _on_drop(self, error: BaseException) -> None:
@@ -549,7 +634,7 @@ class Client:
             self._generation += 1
             running = list(self._running.values())
             requests = list(self._requests.values())
-        _drop(self._ws)
+        self._link.drop()
         if not self._closing:
             logger.warning("connection to %s lost: %s", self.url, error)
         for task in running:  # the hub has given these to someone else or failed them
@@ -684,8 +769,8 @@ class Client:
 
     def _send(self, msg: p.Message) -> None:
         try:
-            self._ws.send(p.encode(msg))
-        except (OSError, websocket.WebSocketException) as exc:
+            self._link.send_text(p.encode(msg))
+        except OSError as exc:
             raise ConnectionLost(f"cannot send to {self.url}: {exc}") from exc
 
     def _send_quietly(self, msg: p.Message) -> None:
@@ -716,10 +801,10 @@ class Client:
         with self._lock:
             if task._generation != self._generation:
                 return
-            ws = self._ws
+            link = self._link
         try:
-            ws.send(text)
-        except (OSError, websocket.WebSocketException):
+            link.send_text(text)
+        except OSError:
             logger.debug("%s for %s dropped: connection lost", msg.TYPE, task.id)  # type: ignore[union-attr]
 
     def _fail_handles(self, error: BaseException) -> None:
@@ -740,28 +825,6 @@ class Client:
             done.set()
         for task in running:
             task._cancelled_by_hub("connection lost")
-
-
-def _drop(ws: websocket.WebSocket) -> None:
-    """Shut the socket down (waking any thread blocked on it), then close it.
-
-    Not ws.abort(): it does nothing once websocket-client has seen a Close frame,
-    which left the socket open and the hub waiting for our EOF.
-    """
-    stream = ws.sock
-    if stream is not None:
-        try:
-            stream.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-    ws.shutdown()
-
-
-def _close_info(data: bytes) -> tuple[int | None, str]:
-    if len(data) >= 2:
-        code = struct.unpack("!H", data[:2])[0]
-        return code, data[2:].decode("utf-8", "replace")
-    return None, ""
 
 
 __all__ = ["Client", "Task"]

@@ -270,14 +270,15 @@ class Router:
             self._abandon(conn.published, out, departing=conn_id)
         # Tasks it held: hand unstarted ones to another instance, fail the rest.
         for r in conn.held.values():
-            if r.state is RState.DELIVERED and r.task.window_open:
+            others = self._candidates(r.task.topic).get(name)
+            if r.state is RState.DELIVERED and r.task.window_open and others:
                 r.state, r.conn_id = RState.QUEUED, None
-                self._place(r, out)
+                self._place(r, out, others)
             elif r.state in (RState.DELIVERED, RState.STARTED):
                 r.state = RState.FINISHED
                 error = p.ErrorInfo(
                     "worker_lost",
-                    f"service {name!r} disconnected while running task {r.task.id}",
+                    f"service {name!r} disconnected while holding task {r.task.id}",
                     service=name,
                 )
                 self._settle(r, p.Outcome(p.LOST, error=error), out)
@@ -463,15 +464,9 @@ class Router:
                         found[service] = ids if have is None else _union(have, ids)
         return found
 
-    def _place(self, r: _Recipient, out: list[Outgoing], conn_ids: list[str] | None = None) -> None:
-        """Deliver a QUEUED recipient to a free instance, or leave it waiting."""
-        if conn_ids is None:
-            conn_ids = self._candidates(r.task.topic).get(r.service, [])
-            if not conn_ids:
-                # The service's last subscribed instance left: it dropped out.
-                r.state = RState.FINISHED
-                self._settle(r, p.Outcome(p.LOST), out)
-                return
+    def _place(self, r: _Recipient, out: list[Outgoing], conn_ids: list[str]) -> None:
+        """Deliver a QUEUED recipient to a free instance among ``conn_ids``, or leave it
+        waiting for one."""
         svc = self._services[r.service]
         n = len(conn_ids)
         for i in range(n):

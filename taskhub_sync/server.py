@@ -223,9 +223,10 @@ class _Connection:
             logger.exception("connection thread %s crashed", self.peer)
             self.close(p.CLOSE_INTERNAL_ERROR, "internal error")
         finally:
-            self._linger()
+            # Router first (fail or hand over its tasks now), then the Close handshake.
             if registered:
                 server._on_disconnect(self)
+            self._linger()
             try:
                 self.sock.close()
             except OSError:
@@ -593,8 +594,9 @@ class Server:
             conns = list(self._all_conns)
         for conn in conns:
             conn.close(p.CLOSE_GOING_AWAY, "hub shutting down")
-        for conn in conns:  # give clients a moment to answer the Close
-            conn.thread.join(min(1.0, deadline.remaining() or 0.0))
+        grace = Deadline(min(1.0, deadline.remaining() or 0.0))
+        for conn in conns:  # one shared moment for clients to answer the Close
+            conn.thread.join(grace.remaining())
         for conn in conns:
             conn._abort("hub stopped")
         for thread in [c.thread for c in conns] + [self._accept_thread, self._timer_thread]:
@@ -663,7 +665,7 @@ class Server:
                     sock.close()
                     continue
                 self._all_conns.add(conn)
-            conn.thread.start()
+                conn.thread.start()  # under the lock: stop() never sees it unstarted
 
     def _forget(self, conn: _Connection, registered: bool) -> None:
         with self._threads_lock:
@@ -694,20 +696,25 @@ class Server:
     def _enqueue(self, out: Iterable[Outgoing]) -> list[_Connection]:
         """Queue router output on each target's outbox. Requires self._lock.
 
-        A connection whose outbox is full is a slow consumer: it gets nothing more
-        and is dropped by _flush(), after the lock is released.
+        A connection that still has max_queued_messages unwritten when new output
+        comes is a slow consumer: it gets nothing more and is dropped by _flush(),
+        after the lock is released. (One router call may produce a larger burst,
+        e.g. many results at once: it is bounded by max_pending, so it all goes.)
         """
         targets: dict[str, _Connection] = {}
         conns = self._conns
         limit = self.max_queued_messages
         for o in out:
-            conn = conns.get(o.conn_id)
-            if conn is not None:
-                if len(conn.outbox) < limit:
-                    conn.outbox.append(o.message)
-                else:
-                    conn.slow = True
+            conn = targets.get(o.conn_id)
+            if conn is None:
+                conn = conns.get(o.conn_id)
+                if conn is None:
+                    continue
                 targets[o.conn_id] = conn
+                if len(conn.outbox) >= limit:
+                    conn.slow = True
+            if not conn.slow:
+                conn.outbox.append(o.message)
         return list(targets.values())
 
     @staticmethod
@@ -763,7 +770,7 @@ class Server:
                 old = None
             resumed = session is not None and self._router.can_resume(session, name)
             conn.id = session if resumed else f"{name}#{uuid.uuid4().hex[:16]}"  # type: ignore[assignment]
-            out += self._router.connect(conn.id, credential, concurrency)
+            missed = self._router.connect(conn.id, credential, concurrency)
             self._conns[conn.id] = conn
             conn.outbox.append(
                 p.Welcome(
@@ -774,6 +781,9 @@ class Server:
                     self.resume_grace,
                 )
             )
+            # What a resumed session missed is bounded by the router (max_buffered
+            # updates, one done per pending task): it all goes, past the outbox limit.
+            conn.outbox.extend(o.message for o in missed)
             targets = self._enqueue(out)
         if old is not None:
             old._abort("replaced by a new connection of the same session")

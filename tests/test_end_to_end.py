@@ -573,12 +573,6 @@ def test_callbacks_and_handlers_may_call_into_the_library(hub, make_client):
         assert h.get_result(timeout=WAIT) == "logged"
 
 
-@pytest.mark.xfail(
-    reason="BUG: a worker dropping a delivered, not yet started task, with no other "
-    "instance to take it, settles as LOST without an error, so the publisher gets "
-    "NoSubscribers 'no subscriber ... took the task in time' instead of WorkerLost",
-    strict=True,
-)
 def test_worker_disconnect_before_start_fails_with_worker_lost(hub, make_client):
     """A worker dropping a task it received but had not started fails it with WorkerLost."""
     received = threading.Event()

@@ -63,7 +63,7 @@ def timed_out(service: str, task_id: str = "t1") -> ErrorInfo:
 def worker_lost(service: str, task_id: str = "t1") -> ErrorInfo:
     return ErrorInfo(
         "worker_lost",
-        f"service {service!r} disconnected while running task {task_id}",
+        f"service {service!r} disconnected while holding task {task_id}",
         service=service,
     )
 
@@ -711,11 +711,12 @@ def test_redelivery_waits_for_a_busy_sibling(router: Router) -> None:
     assert out[-1] == Outgoing("s#2", task("t1"))
 
 
-def test_delivered_not_started_dropped_when_no_other_instance(one: Router) -> None:
-    """Within the window, with no other instance, the service drops out: no_subscribers."""
+def test_delivered_not_started_lost_when_no_other_instance(one: Router) -> None:
+    """Within the window, with no other instance to take it over: worker_lost."""
     one.receive("pub", Publish("t1", "a"), 0.0)
+    lost = worker_lost("s1")
     assert one.disconnect("s1#1", 0.2) == [
-        Outgoing("pub", Done("t1", {"s1": Outcome(p.LOST)}, error=no_subscribers()))
+        Outgoing("pub", Done("t1", {"s1": Outcome(p.LOST, error=lost)}, error=lost))
     ]
 
 
@@ -725,8 +726,9 @@ def test_disconnect_of_one_service_keeps_the_others(router: Router) -> None:
     join(router, "s2#1", "s2", "a")
     router.receive("pub", Publish("t1", "a"), 0.0)
     assert router.disconnect("s1#1", 0.1) == []
+    outcomes = {"s1": Outcome(p.LOST, error=worker_lost("s1")), "s2": Outcome(p.OK, 5)}
     assert router.receive("s2#1", Result("t1", 5), 0.2) == [
-        Outgoing("pub", Done("t1", {"s1": Outcome(p.LOST), "s2": Outcome(p.OK, 5)}, winner="s2"))
+        Outgoing("pub", Done("t1", outcomes, winner="s2"))
     ]
 
 

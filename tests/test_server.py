@@ -316,12 +316,6 @@ def test_stop_with_connected_client_is_prompt(hub, make_client):
     assert time.monotonic() - t0 < 0.5
 
 
-@pytest.mark.xfail(
-    reason="BUG: Server._accept_loop adds a connection to _all_conns and starts its thread "
-    "after releasing _threads_lock; a stop() in between joins an unstarted thread and "
-    "raises RuntimeError",
-    strict=True,
-)
 def test_stop_while_a_connection_is_being_accepted(make_hub, raw, monkeypatch):
     """stop() racing the accept loop (connection registered, thread not started) succeeds."""
     in_start = threading.Event()
