@@ -3,12 +3,16 @@
 Plain TCP lets one thread read while others write. TLS does not: an OpenSSL
 connection must not be used by two threads at once (PITFALLS LP-16: spurious
 disconnects over wss). So for TLS every read and write takes one lock, and the
-reader first waits for data with select() *without* the lock, so a reader blocked
-on an idle connection never holds a writer up.
+reader waits for data with poll() *without* the lock, so a reader waiting on an
+idle connection never holds a writer up.
 
-Writes always use ``sendall`` (never a bare ``send``, which may write part of a
-frame: PITFALLS LP-01). Reads are buffered: one ``recv`` of up to 64 KiB serves all
-the small reads websocket-client makes per frame.
+Two modes. Blocking (the client): ``sendall`` writes everything (never a bare
+``send``, which may write part of a frame: PITFALLS LP-01) and reads honor the
+socket timeout. Non-blocking (the hub, after the upgrade): ``send_some`` writes
+what fits and returns at once, so no thread routing a message ever waits for a
+slow reader; ``recv_some`` and ``wait_writable`` wait with poll() up to the
+timeout set by ``settimeout``. Reads are buffered: one ``recv`` of up to 64 KiB
+serves all the small reads websocket-client makes during the upgrade.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import threading
 from typing import Any
 
 _CHUNK = 65536
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class StreamSocket:
     """Wraps a connected socket (plain or TLS) for one reader and many writers.
 
     Quacks enough like a socket for websocket-client, which is handed it through
-    ``create_connection(socket=...)``.
+    ``create_connection(socket=...)`` to do the HTTP upgrade.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -35,24 +40,40 @@ class StreamSocket:
         self._io_lock = threading.Lock() if self._tls else None
         self._buf = b""
         self._pos = 0
+        self._nonblocking = False
+        self._timeout: float | None = sock.gettimeout()
+
+    def set_nonblocking(self) -> None:
+        """Switch to non-blocking mode (see the module docstring). One way."""
+        self._timeout = self.sock.gettimeout()
+        self.sock.setblocking(False)
+        self._nonblocking = True
 
     # -- reading (one thread) ------------------------------------------------
 
     def recv_some(self) -> bytes:
-        """Whatever has arrived, up to 64 KiB; b"" at EOF. Honors the timeout."""
+        """Whatever has arrived, up to 64 KiB; b"" at EOF.
+
+        Raises:
+            socket.timeout: Nothing arrived within the timeout.
+        """
         if self._pos < len(self._buf):
             data = self._buf[self._pos :]
             self._buf, self._pos = b"", 0
             return data
-        if self._io_lock is None:
-            return self.sock.recv(_CHUNK)
         sock: Any = self.sock
-        if not sock.pending():
-            ready, _, _ = select.select([sock], [], [], sock.gettimeout())
-            if not ready:
-                raise socket.timeout("timed out")
-        with self._io_lock:
+        if self._io_lock is None and not self._nonblocking:
             return sock.recv(_CHUNK)  # type: ignore[no-any-return]
+        while True:
+            if not (self._tls and sock.pending()) and not _wait(sock, select.POLLIN, self._timeout):
+                raise socket.timeout("timed out")
+            try:
+                if self._io_lock is None:
+                    return sock.recv(_CHUNK)  # type: ignore[no-any-return]
+                with self._io_lock:
+                    return sock.recv(_CHUNK)  # type: ignore[no-any-return]
+            except _WOULD_BLOCK:
+                continue  # e.g. only part of a TLS record has arrived
 
     def recv(self, n: int) -> bytes:
         """Up to ``n`` bytes (buffered)."""
@@ -64,14 +85,29 @@ class StreamSocket:
         self._pos += len(data)
         return data
 
-    # -- writing (any thread) -------------------------------------------------
+    # -- writing (any thread; callers keep whole frames together) ---------------
 
     def sendall(self, data: bytes) -> None:
+        """Write everything, waiting as needed (blocking mode only)."""
         if self._io_lock is None:
             self.sock.sendall(data)
         else:
             with self._io_lock:
                 self.sock.sendall(data)
+
+    def send_some(self, data: bytes | memoryview) -> int:
+        """Write what fits now (non-blocking mode); the number of bytes written."""
+        try:
+            if self._io_lock is None:
+                return self.sock.send(data)
+            with self._io_lock:
+                return self.sock.send(data)
+        except _WOULD_BLOCK:
+            return 0
+
+    def wait_writable(self, timeout: float | None) -> bool:
+        """True once the socket can take more data; False after ``timeout``."""
+        return _wait(self.sock, select.POLLOUT, timeout)
 
     def send(self, data: bytes) -> int:
         """Writes everything (websocket-client loops on short writes; we never make any)."""
@@ -81,10 +117,12 @@ class StreamSocket:
     # -- the rest of the socket interface websocket-client uses ---------------
 
     def settimeout(self, timeout: float | None) -> None:
-        self.sock.settimeout(timeout)
+        self._timeout = timeout
+        if not self._nonblocking:
+            self.sock.settimeout(timeout)
 
     def gettimeout(self) -> float | None:
-        return self.sock.gettimeout()
+        return self._timeout
 
     def setsockopt(self, *args: Any) -> None:
         self.sock.setsockopt(*args)
@@ -102,3 +140,10 @@ class StreamSocket:
     @property
     def _closed(self) -> bool:
         return bool(getattr(self.sock, "_closed", False))
+
+
+def _wait(sock: socket.socket, event: int, timeout: float | None) -> bool:
+    """poll() one socket for ``event`` (no FD_SETSIZE limit, unlike select())."""
+    poller = select.poll()
+    poller.register(sock, event | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))

@@ -467,7 +467,9 @@ class Client:
             raise ConnectionLost(f"cannot connect to {url}: {exc}") from exc
         link = _Link(stream)
         try:
-            link.send_text(p.encode(p.Hello(self.name, self._key, self._max_workers, session)))
+            pending = self._resumable_ids() if session else ()
+            hello = p.Hello(self.name, self._key, self._max_workers, session, pending)
+            link.send_text(p.encode(hello))
             welcome = self._await_welcome(link, deadline)
         except BaseException as exc:
             link.drop()
@@ -499,6 +501,25 @@ class Client:
                         raise ProtocolError(f"expected welcome, got {welcome.TYPE!r}")  # type: ignore[union-attr]
                     link.backlog = frames[i + 1 :]
                     return welcome
+
+    def _resumable_ids(self) -> tuple[str, ...]:
+        """Ids of the pending tasks to name in a resuming hello, as many as fit in a
+        message; the rest (only past ~20,000 pending tasks) fail now, clearly."""
+        with self._lock:
+            ids = list(self._handles)
+        room = self.max_message_size // 2
+        fit = 0
+        for task_id in ids:
+            room -= len(task_id) + 3
+            if room < 0:
+                break
+            fit += 1
+        for task_id in ids[fit:]:
+            with self._lock:
+                handle = self._handles.pop(task_id, None)
+            if handle is not None:
+                handle._complete(None, ConnectionLost("too many pending tasks to resume"), {})
+        return tuple(ids[:fit])
 
     def _apply_welcome(self, welcome: p.Welcome) -> None:
         self.session = welcome.session

@@ -41,3 +41,5 @@ DEFAULT_MAX_HANDSHAKES = 256
 DEFAULT_AUTH_FAILURE_LIMIT = 20
 #: (first, max) seconds between a client's reconnect attempts; doubles per attempt.
 DEFAULT_RECONNECT_DELAY = (0.1, 5.0)
+#: Bytes the hub may hold for a peer that reads slowly before dropping it.
+MAX_UNSENT_BYTES = 16 * 1024 * 1024

@@ -149,6 +149,12 @@ def _optional(kind: Any) -> Callable[[Any, str], Any]:
     return check
 
 
+def _str_tuple(value: Any, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProtocolError(f"field {name!r} must be a list of strings")
+    return tuple(value)
+
+
 def _positive_int(value: Any, name: str) -> int:
     _check(value, int, name)
     if value < 1:
@@ -186,6 +192,10 @@ class _Message:
                 value = value.to_wire()
             elif name == "outcomes":
                 value = {k: o.to_wire() for k, o in value.items()}
+            elif name == "pending":
+                if not value:
+                    continue
+                value = list(value)
             out[name] = value
         return out
 
@@ -194,7 +204,8 @@ class _Message:
 class Hello(_Message):
     """client -> hub, first message: who I am and how many tasks I run at once.
 
-    ``session`` asks to resume a previous session (after a dropped connection).
+    ``session`` asks to resume a previous session (after a dropped connection);
+    ``pending`` then lists the ids of its tasks still waiting for a result.
     """
 
     TYPE = "hello"
@@ -204,11 +215,13 @@ class Hello(_Message):
         ("key", str, True),
         ("concurrency", _positive_int, True),
         ("session", _optional(str), False),
+        ("pending", _str_tuple, False),
     )
     name: str
     key: str = field(repr=False)
     concurrency: int = 1
     session: str | None = None
+    pending: tuple[str, ...] = ()
     v: int = VERSION
 
 

@@ -105,6 +105,8 @@ class _Conn:
     patterns: set[str] = field(default_factory=set)
     held: dict[str, _Recipient] = field(default_factory=dict)  # by task id
     published: set[str] = field(default_factory=set)  # ids of its pending tasks
+    # Its latest results: a resumed session asks again for those it never got.
+    recent: deque[p.Done] = field(default_factory=lambda: deque(maxlen=RECENT_RESULTS))
 
 
 @dataclass(eq=False)
@@ -124,6 +126,11 @@ class _Detached:
 
 
 _START, _FINISH, _GRACE = 0, 1, 2
+
+#: Results kept per publisher, for a resumed session to ask again for those written
+#: into its dying connection before the hub noticed (a successful write proves
+#: nothing: PITFALLS LP-20).
+RECENT_RESULTS = 256
 
 
 class Router:
@@ -204,11 +211,19 @@ class Router:
         detached = self._detached.get(conn_id)
         return detached is not None and detached.conn.credential.name == service
 
-    def connect(self, conn_id: str, credential: Credential, concurrency: int) -> list[Outgoing]:
+    def connect(
+        self,
+        conn_id: str,
+        credential: Credential,
+        concurrency: int,
+        pending: Iterable[str] = (),
+    ) -> list[Outgoing]:
         """Register an authenticated connection.
 
         If ``conn_id`` names a detached publisher (see ``can_resume()``), the new
         connection takes its pending tasks over and gets what it missed, in order.
+        ``pending`` lists the tasks the client still waits for: those that ended
+        are answered again from the recent results, or failed as lost.
 
         Raises:
             AuthenticationError: If ``max_instances`` instances of it are connected.
@@ -229,7 +244,22 @@ class Router:
         if detached.conn.credential.name != credential.name:
             raise ValueError(f"connection {conn_id!r} belonged to another service")
         conn.published = detached.conn.published
-        return [Outgoing(conn_id, m) for m in detached.buffer]
+        conn.recent = detached.conn.recent
+        out = [Outgoing(conn_id, m) for m in detached.buffer]
+        answered = {m.task for m in detached.buffer if type(m) is p.Done}  # type: ignore[union-attr]
+        recent = {done.task: done for done in conn.recent}
+        for task_id in pending:
+            if task_id in conn.published or task_id in answered:
+                continue
+            done = recent.get(task_id) or p.Done(
+                task_id,
+                {},
+                error=p.ErrorInfo(
+                    "connection_lost", "the result went out on the dropped connection and is lost"
+                ),
+            )
+            out.append(Outgoing(conn_id, done))
+        return out
 
     def receive(self, conn_id: str, message: p.Message, now: float) -> list[Outgoing]:
         """Handle one message from an authenticated connection.
@@ -541,6 +571,10 @@ class Router:
     def _to_publisher(self, task: _Task, msg: p.Message, out: list[Outgoing]) -> None:
         """Send to the task's publisher, or keep it for it while it is detached."""
         detached = self._detached.get(task.publisher)
+        if type(msg) is p.Done:
+            conn = detached.conn if detached else self._conns.get(task.publisher)
+            if conn is not None:
+                conn.recent.append(msg)  # type: ignore[arg-type]
         if detached is None:
             out.append(Outgoing(task.publisher, msg))
         elif type(msg) is p.Update and len(detached.buffer) >= self.max_buffered:

@@ -80,6 +80,8 @@ class _Connection:
         self.reader = FrameReader(server.max_message_size)
         self.send_lock = threading.Lock()  # one writer at a time, in outbox order
         self.outbox: deque[bytes | p.Message] = deque()  # messages or ready frames
+        self.unsent = bytearray()  # written to the socket only in part (send_lock)
+        self.drainer: threading.Thread | None = None  # writes unsent (send_lock)
         self.upgraded = False
         self.close_sent = False
         self.dead = False
@@ -106,7 +108,12 @@ class _Connection:
                 self.send_lock.release()
 
     def _write_queued(self) -> None:
-        """Encode and write the outbox. Requires self.send_lock."""
+        """Encode the outbox and write what the socket takes now. Requires send_lock.
+
+        Never waits: what does not fit stays in ``unsent`` for this connection's
+        drain thread, started on demand, which waits until the peer reads it (or
+        drops the peer as a slow consumer after ping_interval).
+        """
         chunks = []
         outbox = self.outbox
         while outbox:
@@ -118,13 +125,45 @@ class _Connection:
                 self.close_sent = item[0] == 0x80 | OP_CLOSE
             else:
                 chunks.append(encode_frame(OP_TEXT, p.encode(item).encode()))  # type: ignore[arg-type]
-        if chunks and not self.dead:
+        if not chunks or self.dead:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.drainer is not None:  # already behind: keep the order, let it write
+            self.unsent += data
+        else:
             try:
-                self.stream.sendall(chunks[0] if len(chunks) == 1 else b"".join(chunks))
-            except (TimeoutError, socket.timeout):
-                self._abort("slow consumer: a write stayed blocked for ping_interval")
+                sent = self.stream.send_some(data)
             except OSError as exc:
                 self._abort(f"write failed: {exc!r}")
+                return
+            if sent < len(data):
+                self.unsent += data[sent:]
+                self.drainer = threading.Thread(
+                    target=self._drain, name=f"taskhub-drain-{self.peer}", daemon=True
+                )
+                self.drainer.start()
+        if len(self.unsent) > config.MAX_UNSENT_BYTES:
+            self._abort("slow consumer: too much data waiting for it to read")
+
+    def _drain(self) -> None:
+        """Write ``unsent`` as the peer reads it; drop the peer if it stops reading."""
+        while True:
+            if not self.stream.wait_writable(self.server.ping_interval):
+                self._abort("slow consumer: it read nothing for ping_interval")
+            with self.send_lock:
+                if self.dead or not self.unsent:
+                    self.unsent.clear()
+                    self.drainer = None
+                    return
+                try:
+                    sent = self.stream.send_some(memoryview(self.unsent))
+                except OSError as exc:
+                    self._abort(f"write failed: {exc!r}")
+                    continue
+                del self.unsent[:sent]
+                if not self.unsent:
+                    self.drainer = None
+                    return
 
     def send_now(self, item: bytes | p.Message) -> None:
         """Queue and write, waiting for the send lock (order matters to the caller)."""
@@ -159,17 +198,23 @@ class _Connection:
         the kernel does not answer unread data with a RST that would destroy the
         close reason in flight (PITFALLS LP-07).
         """
+        deadline = Deadline(1.0)
+        drainer = self.drainer
+        if drainer is not None:  # the Close frame may be in what it still has to write
+            drainer.join(deadline.remaining())
         if not self.dead:
             try:
                 self.sock.shutdown(socket.SHUT_WR)
-                deadline = Deadline(1.0)
                 while not deadline.expired():
-                    self.sock.settimeout(deadline.remaining())
+                    self.stream.settimeout(deadline.remaining())
                     if not self.stream.recv_some():
                         break
             except (OSError, ValueError):
                 pass
         self._abort("closed")
+        drainer = self.drainer
+        if drainer is not None:
+            drainer.join(1.0)  # woken by the shutdown
 
     # -- reading -----------------------------------------------------------
 
@@ -183,7 +228,7 @@ class _Connection:
         return data
 
     def _frames(self) -> list[tuple[int, bytes]]:
-        """The next batch of frames; answers pings, turns a Close into _Closed."""
+        """The next batch of frames, in order (pings are answered here)."""
         try:
             frames = self.reader.feed(self._recv())
         except FrameError as exc:
@@ -191,16 +236,23 @@ class _Connection:
         for opcode, payload in frames:
             if opcode == OP_PING:
                 self.send_now(encode_frame(OP_PONG, payload))
-            elif opcode == OP_CLOSE:
-                try:
-                    code, reason = parse_close(payload)
-                except FrameError as exc:
-                    raise _Closed(exc.code, exc.reason) from None
-                self.close(p.CLOSE_NORMAL if code == 1005 else code, "")  # the echo
-                raise _Closed(p.CLOSE_NORMAL, f"peer closed ({code} {reason})")
-            elif opcode == OP_BINARY:
-                raise _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
         return frames
+
+    def _ending(self, opcode: int, payload: bytes) -> _Closed | None:
+        """Why a non-text frame ends the connection (None for pings and pongs).
+
+        A Close is answered here (the closing handshake's echo).
+        """
+        if opcode == OP_CLOSE:
+            try:
+                code, reason = parse_close(payload)
+            except FrameError as exc:
+                return _Closed(exc.code, exc.reason)
+            self.close(p.CLOSE_NORMAL if code == 1005 else code, "")
+            return _Closed(p.CLOSE_NORMAL, f"peer closed ({code} {reason})")
+        if opcode == OP_BINARY:
+            return _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
+        return None
 
     def _run(self) -> None:
         server = self.server
@@ -211,8 +263,12 @@ class _Connection:
             server._count_authenticated()
             self._serve()
         except _Closed as exc:
-            if exc.code not in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY):
-                logger.warning("closing %s (%s): %s", self.peer, self.name, exc.reason)
+            level = (
+                logging.DEBUG
+                if exc.code in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY)
+                else logging.WARNING
+            )
+            logger.log(level, "closing %s (%s): %s", self.peer, self.name, exc.reason)
             self.close(exc.code, exc.reason)
         except (TimeoutError, socket.timeout):
             self.close(p.CLOSE_AUTH_TIMEOUT, "handshake or authentication timed out")
@@ -260,7 +316,10 @@ class _Connection:
                 if opcode == OP_TEXT:
                     self._authenticate(payload)
                     return
-            self.sock.settimeout(max(deadline.remaining() or 0.0, 0.001))
+                ending = self._ending(opcode, payload)
+                if ending is not None:
+                    raise ending
+            self.stream.settimeout(max(deadline.remaining() or 0.0, 0.001))
             frames = self._frames()
 
     def _read_request(self, deadline: Deadline) -> tuple[bytes, bytes]:
@@ -270,7 +329,7 @@ class _Connection:
             if len(data) > 16384:
                 self._reject_http("Request header too large")
                 raise _Closed(p.CLOSE_NORMAL, "request header too large")
-            self.sock.settimeout(max(deadline.remaining() or 0.0, 0.001))
+            self.stream.settimeout(max(deadline.remaining() or 0.0, 0.001))
             data += self._recv()
         end = data.index(b"\r\n\r\n") + 4
         return data[:end], data[end:]
@@ -307,8 +366,10 @@ class _Connection:
             raise _Closed(p.CLOSE_AUTH_FAILED, "authentication failed: unknown name or wrong key")
         self.name = hello.name
         concurrency = min(hello.concurrency, _MAX_CONCURRENCY)
+        # From now on other threads write to it: they must never wait for its reader.
+        self.stream.set_nonblocking()
         try:
-            resumed = server._on_connect(self, entry[1], concurrency, hello.session)
+            resumed = server._on_connect(self, entry[1], concurrency, hello)
         except AuthenticationError as exc:
             raise _Closed(p.CLOSE_TOO_MANY_INSTANCES, str(exc)) from None
         self.flush(wait=True)  # welcome first, then whatever a resumed session missed
@@ -327,7 +388,7 @@ class _Connection:
         router lock, and what they produce is written in one go per connection.
         """
         server = self.server
-        self.sock.settimeout(server.ping_interval)
+        self.stream.settimeout(server.ping_interval)
         awaiting_pong = False
         while True:
             try:
@@ -339,19 +400,26 @@ class _Connection:
                 self.send_now(encode_frame(OP_PING, b"hb"))
                 continue
             awaiting_pong = False
+            # In arrival order: messages before a Close or a bad frame still count.
             messages = []
-            error = None
+            ending = None
             for opcode, payload in frames:
                 if opcode == OP_TEXT:
                     try:
                         messages.append(p.decode(payload))
                     except ProtocolError as exc:
-                        error = exc
+                        ending = _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {exc}")
+                        break
+                else:
+                    ending = self._ending(opcode, payload)
+                    if ending is not None:
                         break
             if messages:
-                error = server._route(self, messages) or error
-            if error is not None:
-                raise _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {error}")
+                error = server._route(self, messages)
+                if error is not None:
+                    ending = _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {error}")
+            if ending is not None:
+                raise ending
 
 
 class _FailureLimiter:
@@ -751,11 +819,12 @@ class Server:
         return error
 
     def _on_connect(
-        self, conn: _Connection, credential: Credential, concurrency: int, session: str | None
+        self, conn: _Connection, credential: Credential, concurrency: int, hello: p.Hello
     ) -> bool:
         """Register an authenticated connection and queue its welcome; True if it
-        resumed ``session``. Raises AuthenticationError past max_instances."""
+        resumed ``hello.session``. Raises AuthenticationError past max_instances."""
         name = credential.name
+        session = hello.session
         now = time.monotonic()
         with self._lock:
             if self.stopping:
@@ -770,7 +839,7 @@ class Server:
                 old = None
             resumed = session is not None and self._router.can_resume(session, name)
             conn.id = session if resumed else f"{name}#{uuid.uuid4().hex[:16]}"  # type: ignore[assignment]
-            missed = self._router.connect(conn.id, credential, concurrency)
+            missed = self._router.connect(conn.id, credential, concurrency, hello.pending)
             self._conns[conn.id] = conn
             conn.outbox.append(
                 p.Welcome(
