@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
@@ -48,8 +49,23 @@ def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
         head = _PACK_64(0x80 | opcode, bit | 127, n)
     if not mask:
         return head + payload
-    key = os.urandom(4)
+    key = _mask_key()
     return head + key + unmask(payload, key)
+
+
+_keys = bytearray()
+_keys_lock = threading.Lock()
+
+
+def _mask_key() -> bytes:
+    """4 random bytes, cut from a 4 KiB batch of os.urandom (one syscall per 1,024 keys)."""
+    global _keys
+    with _keys_lock:
+        if not _keys:
+            _keys = bytearray(os.urandom(4096))
+        key = bytes(_keys[-4:])
+        del _keys[-4:]
+    return key
 
 
 def encode_close(code: int, reason: str = "", mask: bool = False) -> bytes:

@@ -8,11 +8,14 @@ idle connection never holds a writer up.
 
 Two modes. Blocking (the client): ``sendall`` writes everything (never a bare
 ``send``, which may write part of a frame: PITFALLS LP-01) and reads honor the
-socket timeout. Non-blocking (the hub, after the upgrade): ``send_some`` writes
-what fits and returns at once, so no thread routing a message ever waits for a
-slow reader; ``recv_some`` and ``wait_writable`` wait with poll() up to the
-timeout set by ``settimeout``. Reads are buffered: one ``recv`` of up to 64 KiB
-serves all the small reads websocket-client makes during the upgrade.
+socket timeout. Non-blocking writes (the hub, after the upgrade): ``send_some``
+writes what fits and returns at once, so no thread routing a message ever waits
+for a slow reader, while ``recv_some`` still waits up to the timeout set by
+``settimeout``. On plain TCP that costs nothing extra: the socket stays blocking,
+reads time out through SO_RCVTIMEO and writes pass MSG_DONTWAIT, one system call
+each. TLS has no per-call flags, so there the socket is non-blocking and reads wait
+in poll(). Reads are buffered: one ``recv`` of up to 64 KiB serves all the small
+reads websocket-client makes during the upgrade.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import struct
 import threading
 from typing import Any
 
@@ -44,10 +48,14 @@ class StreamSocket:
         self._timeout: float | None = sock.gettimeout()
 
     def set_nonblocking(self) -> None:
-        """Switch to non-blocking mode (see the module docstring). One way."""
-        self._timeout = self.sock.gettimeout()
-        self.sock.setblocking(False)
+        """Switch to non-blocking writes (see the module docstring). One way."""
         self._nonblocking = True
+        timeout = self.sock.gettimeout()
+        if self._tls:
+            self.sock.setblocking(False)
+        else:
+            self.sock.settimeout(None)  # blocking: MSG_DONTWAIT and SO_RCVTIMEO apply
+        self.settimeout(timeout)
 
     # -- reading (one thread) ------------------------------------------------
 
@@ -62,8 +70,11 @@ class StreamSocket:
             self._buf, self._pos = b"", 0
             return data
         sock: Any = self.sock
-        if self._io_lock is None and not self._nonblocking:
-            return sock.recv(_CHUNK)  # type: ignore[no-any-return]
+        if self._io_lock is None:
+            try:
+                return sock.recv(_CHUNK)  # type: ignore[no-any-return]
+            except BlockingIOError:  # SO_RCVTIMEO ran out
+                raise socket.timeout("timed out") from None
         while True:
             if not (self._tls and sock.pending()) and not _wait(sock, select.POLLIN, self._timeout):
                 raise socket.timeout("timed out")
@@ -99,7 +110,7 @@ class StreamSocket:
         """Write what fits now (non-blocking mode); the number of bytes written."""
         try:
             if self._io_lock is None:
-                return self.sock.send(data)
+                return self.sock.send(data, socket.MSG_DONTWAIT)
             with self._io_lock:
                 return self.sock.send(data)
         except _WOULD_BLOCK:
@@ -120,6 +131,11 @@ class StreamSocket:
         self._timeout = timeout
         if not self._nonblocking:
             self.sock.settimeout(timeout)
+        elif not self._tls:
+            # 0 would mean "no timeout" to the kernel: round up to a microsecond.
+            usec = 0 if timeout is None else max(1, round(timeout * 1_000_000))
+            timeval = struct.pack("@ll", usec // 1_000_000, usec % 1_000_000)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
     def gettimeout(self) -> float | None:
         return self._timeout

@@ -123,7 +123,7 @@ class _Link:
         self._send_lock = threading.Lock()  # whole frames, never interleaved
 
     def send_text(self, text: str) -> None:
-        self.write(encode_frame(OP_TEXT, text.encode(), mask=True))
+        self.write(encode_frame(OP_TEXT, text.encode("ascii"), mask=True))
 
     def write(self, frame: bytes) -> None:
         with self._send_lock:
@@ -291,7 +291,7 @@ class Client:
         task_id = f"{self.session}.{next(self._ids)}"
         text = p.encode(p.Publish(task_id, topic, payload, timeout))
         handle = TaskHandle(task_id, topic, self._reader)
-        if len(text.encode()) > self.max_message_size:
+        if len(text) > self.max_message_size:  # ASCII: characters are bytes
             error = PayloadTooLarge(
                 f"payload of task on {topic!r} is over the hub's max_message_size "
                 f"({self.max_message_size} bytes)",
@@ -810,7 +810,7 @@ class Client:
             text = p.encode(
                 p.Fail(task.id, type(exc).__name__, f"result is not JSON-serializable: {exc}")
             )
-        if len(text.encode()) > self.max_message_size:
+        if len(text) > self.max_message_size:  # ASCII: characters are bytes
             text = p.encode(
                 p.Fail(
                     task.id,

@@ -457,7 +457,7 @@ _decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_
 
 
 def encode(message: Message) -> str:
-    """Encode a message as JSON text.
+    """Encode a message as JSON text (ASCII only: its length is its size in bytes).
 
     Raises:
         TypeError: If a payload, update or result is not JSON-serializable.
@@ -488,11 +488,16 @@ def decode(text: str | bytes) -> Message:
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {obj.get('type')!r}")
-    kwargs = {}
+    values = {}
     for name, kind, required in cls.FIELDS:
         if name not in obj:
             if required:
                 raise ProtocolError(f"{cls.TYPE!r} message lacks field {name!r}")
             continue
-        kwargs[name] = _check(obj[name], kind, name)
-    return cls(**kwargs)  # type: ignore[no-any-return]
+        values[name] = _check(obj[name], kind, name)
+    # Every field is checked: fill the frozen instance directly (its __init__ costs
+    # a setattr per field on the hub's hot path). Absent optional fields fall back
+    # to the class defaults.
+    message = object.__new__(cls)
+    message.__dict__.update(values)
+    return message  # type: ignore[no-any-return]

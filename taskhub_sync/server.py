@@ -124,7 +124,8 @@ class _Connection:
                 chunks.append(item)
                 self.close_sent = item[0] == 0x80 | OP_CLOSE
             else:
-                chunks.append(encode_frame(OP_TEXT, p.encode(item).encode()))  # type: ignore[arg-type]
+                text = p.encode(item)  # type: ignore[arg-type]
+                chunks.append(encode_frame(OP_TEXT, text.encode("ascii")))
         if not chunks or self.dead:
             return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -71,7 +71,7 @@ class Task:
             TypeError, ValueError: If ``data`` is not JSON-serializable.
             PayloadTooLarge: If it is over the hub's max_message_size.
         """
-        size = len(p.encode_value(data).encode())  # fail here, in the handler
+        size = len(p.encode_value(data))  # ASCII: characters are bytes. Fails here if bad.
         if size > self._client.max_message_size - 200:
             raise PayloadTooLarge(
                 f"update of {size} bytes is over the hub's max_message_size",
