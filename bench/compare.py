@@ -44,10 +44,18 @@ ANCHORS: dict[str, list[tuple[str, str, list[str], str]]] = {
     "relay-others": [
         ("bench", "anchor_ws_relay.py", ["--impl", "simplews"], "W1,W2,W3,W4"),
         ("bench", "anchor_ws_relay.py", ["--impl", "simplews", "--nodelay"], "W1,W2,W3"),
-        ("bench", "anchor_ws_relay.py", ["--impl", "websockets", "--compression", "deflate"],
-         "W1,W2,W3,W4"),
-        ("bench", "anchor_ws_relay.py", ["--impl", "websockets", "--compression", "none"],
-         "W1,W2,W3"),
+        (
+            "bench",
+            "anchor_ws_relay.py",
+            ["--impl", "websockets", "--compression", "deflate"],
+            "W1,W2,W3,W4",
+        ),
+        (
+            "bench",
+            "anchor_ws_relay.py",
+            ["--impl", "websockets", "--compression", "none"],
+            "W1,W2,W3",
+        ),
     ],
     "nats": [("bench", "anchor_nats.py", [], "W1,W2,W3,W4")],
     "crossbar": [("crossbar", "anchor_crossbar.py", [], "W1,W2,W3,W4")],
@@ -84,24 +92,42 @@ TARGETS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--anchors", default="targets",
-                    help="comma list of " + ", ".join(ANCHORS) + ", or a group: "
-                    + ", ".join(f"{k} ({'+'.join(v) or '-'})" for k, v in GROUPS.items()))
+    ap.add_argument(
+        "--anchors",
+        default="targets",
+        help="comma list of "
+        + ", ".join(ANCHORS)
+        + ", or a group: "
+        + ", ".join(f"{k} ({'+'.join(v) or '-'})" for k, v in GROUPS.items()),
+    )
     ap.add_argument("--anchors-dir", default=os.path.join(REPO, "..", "shared", "bench-anchors"))
     ap.add_argument("--anchor-python", default="/tmp/benchenv/bin/python")
     ap.add_argument("--crossbar-python", default="/tmp/crossbarenv/bin/python")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--workload", default="W1,W2,W3,W4", help="taskhub's workloads")
-    ap.add_argument("--idle", type=int, default=None,
-                    help="taskhub: also run W4 with this many idle clients (e.g. 2000)")
+    ap.add_argument(
+        "--idle",
+        type=int,
+        default=None,
+        help="taskhub: also run W4 with this many idle clients (e.g. 2000)",
+    )
     ap.add_argument("--skip-taskhub", action="store_true")
-    ap.add_argument("--taskhub-last", action="store_true",
-                    help="run taskhub after the anchors instead of before")
-    ap.add_argument("--reuse", action="append", default=[], metavar="JSONL",
-                    help="add the records of an earlier results file (repeatable)")
-    ap.add_argument("--report-only", action="store_true",
-                    help="run nothing; tabulate the --reuse files")
+    ap.add_argument(
+        "--taskhub-last",
+        action="store_true",
+        help="run taskhub after the anchors instead of before",
+    )
+    ap.add_argument(
+        "--reuse",
+        action="append",
+        default=[],
+        metavar="JSONL",
+        help="add the records of an earlier results file (repeatable)",
+    )
+    ap.add_argument(
+        "--report-only", action="store_true", help="run nothing; tabulate the --reuse files"
+    )
     ap.add_argument("--timeout", type=float, default=420, help="seconds per anchor script")
     args = ap.parse_args(argv)
     names: list[str] = []
@@ -119,11 +145,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_bounded(cmd: list[str], cwd: str, timeout: float, log: Any) -> int:
     """Run a benchmark script; on timeout SIGTERM it (its `finally` stops its helpers)."""
-    print("==", " ".join(os.path.relpath(c) if os.path.isabs(c) else c for c in cmd),
-          file=sys.stderr, flush=True)
+    print(
+        "==",
+        " ".join(os.path.relpath(c) if os.path.isabs(c) else c for c in cmd),
+        file=sys.stderr,
+        flush=True,
+    )
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log,
-                            stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL
+    )
     try:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -164,13 +195,21 @@ def write_env(path: str, args: argparse.Namespace) -> None:
         f"host: {platform.system()} {platform.release()} {platform.machine()}, "
         f"{os.cpu_count()} cores, cpu: {cpu}",
         f"taskhub python: {sys.version.split()[0]} ({sys.executable})",
-        "taskhub deps: " + out([sys.executable, "-c",
-                                "import importlib.metadata as m;print(', '.join("
-                                "f'{d} {m.version(d)}' for d in "
-                                "('taskhub_sync','wsproto','websocket-client','h11')))"]),
-        "taskhub_sync tree: " + out(["git", "-C", REPO, "describe", "--always", "--dirty"])
-        + " (" + str(len(out(["git", "-C", REPO, "status", "--porcelain", "taskhub_sync"])
-                         .splitlines())) + " changed files under taskhub_sync/)",
+        "taskhub deps: "
+        + out(
+            [
+                sys.executable,
+                "-c",
+                "import importlib.metadata as m;print(', '.join("
+                "f'{d} {m.version(d)}' for d in "
+                "('taskhub_sync','wsproto','websocket-client','h11')))",
+            ]
+        ),
+        "taskhub_sync tree: "
+        + out(["git", "-C", REPO, "describe", "--always", "--dirty"])
+        + " ("
+        + str(len(out(["git", "-C", REPO, "status", "--porcelain", "taskhub_sync"]).splitlines()))
+        + " changed files under taskhub_sync/)",
         f"anchors: {os.path.abspath(args.anchors_dir)} ({','.join(args.anchor_names) or '-'})",
         f"anchor python: {out([args.anchor_python, '-V'])}",
         f"RUNS={args.runs} SCALE={args.scale}",
@@ -180,41 +219,52 @@ def write_env(path: str, args: argparse.Namespace) -> None:
 
 
 def targets_table(runs: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
-    out = ["| target | taskhub | peer | peer value | ratio | needed | met |",
-           "|---|---|---|---|---|---|---|"]
+    out = [
+        "| target | taskhub | peer | peer value | ratio | needed | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
     th = {w: bl.med(runs.get(("taskhub", w), []), "rate") for w in ("W1", "W2", "W3", "W4")}
     for wl, peers, factor, text in TARGETS:
         vals = [(bl.med(runs.get((p, wl), []), "rate"), p) for p in peers]
         vals = [(v, p) for v, p in vals if v]
         mine = th.get(wl)
         if not vals or not mine:
-            out.append(f"| {text} | {bl.fmt(mine)} | {'/'.join(peers)} | not run | – "
-                       f"| {factor:g}x | – |")
+            out.append(
+                f"| {text} | {bl.fmt(mine)} | {'/'.join(peers)} | not run | – | {factor:g}x | – |"
+            )
             continue
         v, peer = max(vals)
         ratio = mine / v
-        out.append(f"| {text} | {bl.fmt(mine)} | {peer} | {bl.fmt(v)} | {ratio:.2f}x "
-                   f"| {factor:g}x | {'yes' if ratio >= factor else 'NO'} |")
+        out.append(
+            f"| {text} | {bl.fmt(mine)} | {peer} | {bl.fmt(v)} | {ratio:.2f}x "
+            f"| {factor:g}x | {'yes' if ratio >= factor else 'NO'} |"
+        )
     w3 = runs.get(("taskhub", "W3"), [])
     if w3:
         got = sum(r.get("updates_received", 0) for r in w3)
         exp = sum(r.get("updates_expected", 0) for r in w3)
-        out.append(f"| W3 every update delivered, in order | {got:,}/{exp:,} | – | – | – | all "
-                   f"| {'yes' if got == exp else 'NO'} |")
+        out.append(
+            f"| W3 every update delivered, in order | {got:,}/{exp:,} | – | – | – | all "
+            f"| {'yes' if got == exp else 'NO'} |"
+        )
     w4 = runs.get(("taskhub", "W4"), [])
     paired = bl.med(w4, "w1_rate_paired")
     base = paired or th["W1"]
     if w4 and base and th["W4"]:
         change = (th["W4"] / base - 1) * 100
         what = "taskhub W1 just before" if paired else "taskhub W1"
-        out.append(f"| W4: 200 idle clients cost W1 < 10 % | {bl.fmt(th['W4'])} | {what} "
-                   f"| {bl.fmt(base)} | {change:+.1f}% | > -10% "
-                   f"| {'yes' if change > -10 else 'NO'} |")
+        out.append(
+            f"| W4: 200 idle clients cost W1 < 10 % | {bl.fmt(th['W4'])} | {what} "
+            f"| {bl.fmt(base)} | {change:+.1f}% | > -10% "
+            f"| {'yes' if change > -10 else 'NO'} |"
+        )
         rb, ra = bl.med(w4, "server_rss_kb_before"), bl.med(w4, "server_rss_kb")
         if rb is not None and ra is not None:
             kib = (ra - rb) / w4[0]["idle_clients"]
-            out.append(f"| W4: < 64 KiB of hub memory per idle client | {kib:.1f} KiB | – | – | – "
-                       f"| < 64 KiB | {'yes' if kib < 64 else 'NO'} |")
+            out.append(
+                f"| W4: < 64 KiB of hub memory per idle client | {kib:.1f} KiB | – | – | – "
+                f"| < 64 KiB | {'yes' if kib < 64 else 'NO'} |"
+            )
     return out
 
 
@@ -269,13 +319,31 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--runs", str(args.runs), "--scale", str(args.scale), "--out", out]
         steps: list[tuple[list[str], str]] = []
         if not args.skip_taskhub:
-            cmd = [sys.executable, os.path.join(HERE, "taskhub_bench.py"), "--no-table",
-                   "--workload", args.workload, *common]
+            cmd = [
+                sys.executable,
+                os.path.join(HERE, "taskhub_bench.py"),
+                "--no-table",
+                "--workload",
+                args.workload,
+                *common,
+            ]
             steps.append((cmd, REPO))
             if args.idle and args.idle != bl.WORKLOADS["W4"]["idle"]:
-                steps.append(([sys.executable, os.path.join(HERE, "taskhub_bench.py"),
-                               "--no-table", "--workload", "W4", "--idle", str(args.idle),
-                               *common], REPO))
+                steps.append(
+                    (
+                        [
+                            sys.executable,
+                            os.path.join(HERE, "taskhub_bench.py"),
+                            "--no-table",
+                            "--workload",
+                            "W4",
+                            "--idle",
+                            str(args.idle),
+                            *common,
+                        ],
+                        REPO,
+                    )
+                )
         anchor_steps = []
         for name in args.anchor_names:
             if not os.path.isdir(adir):
@@ -284,19 +352,25 @@ def main(argv: list[str] | None = None) -> int:
             for which, script, extra, wls in ANCHORS[name]:
                 py = args.anchor_python if which == "bench" else args.crossbar_python
                 if not os.path.exists(py):
-                    print(f"!! {py} missing (run {adir}/setup_env.sh): {name} skipped",
-                          file=sys.stderr)
+                    print(
+                        f"!! {py} missing (run {adir}/setup_env.sh): {name} skipped",
+                        file=sys.stderr,
+                    )
                     continue
-                anchor_steps.append(([py, os.path.join(adir, script), *extra, "--workload", wls,
-                                      *common], adir))
+                anchor_steps.append(
+                    ([py, os.path.join(adir, script), *extra, "--workload", wls, *common], adir)
+                )
         steps = anchor_steps + steps if args.taskhub_last else steps + anchor_steps
         b0, t0 = bl.machine_busy_seconds(), time.monotonic()
         time.sleep(2.0)
         load = (bl.machine_busy_seconds() - b0) / (time.monotonic() - t0) / (os.cpu_count() or 1)
         print(f"machine busy before the sitting: {load * 100:.0f}% of all cores", file=sys.stderr)
         if load > 0.1:
-            print("!! other processes are using the CPU: the numbers will be low and noisy; "
-                  "taskhub's records carry foreign_cpu_pct", file=sys.stderr)
+            print(
+                "!! other processes are using the CPU: the numbers will be low and noisy; "
+                "taskhub's records carry foreign_cpu_pct",
+                file=sys.stderr,
+            )
         t0 = time.monotonic()
         with open(errlog_path, "ab") as errlog:
             for cmd, cwd in steps:

@@ -138,8 +138,10 @@ def sec_router(n: int, batch: int) -> None:
             totals["result"] += t3 - t2
     for k, v in totals.items():
         print(f"  {'receive(' + k + ')':<66} {v / (rounds * batch) * 1e6:8.2f} µs")
-    print(f"  {'a whole task (publish + start + result)':<66} "
-          f"{sum(totals.values()) / (rounds * batch) * 1e6:8.2f} µs")
+    print(
+        f"  {'a whole task (publish + start + result)':<66} "
+        f"{sum(totals.values()) / (rounds * batch) * 1e6:8.2f} µs"
+    )
 
 
 def sec_framing(n: int) -> None:
@@ -148,15 +150,24 @@ def sec_framing(n: int) -> None:
         reader = frames.FrameReader(1 << 20)
         for name in ("pub", "start", "result"):
             frame = client_frame(p.encode(messages()[name]))
-            timed(f"FrameReader.feed, {name} ({len(frame)} B frame)",
-                  lambda f=frame: reader.feed(f), n)
+            timed(
+                f"FrameReader.feed, {name} ({len(frame)} B frame)",
+                lambda f=frame: reader.feed(f),
+                n,
+            )
         for name in ("task", "done"):
             data = p.encode(messages()[name]).encode()
-            timed(f"encode_frame(TEXT, {name}) server side",
-                  lambda d=data: frames.encode_frame(frames.OP_TEXT, d), n)
+            timed(
+                f"encode_frame(TEXT, {name}) server side",
+                lambda d=data: frames.encode_frame(frames.OP_TEXT, d),
+                n,
+            )
         data = p.encode(messages()["result"]).encode()
-        timed("encode_frame(TEXT, result, mask=True) client side",
-              lambda d=data: frames.encode_frame(frames.OP_TEXT, d, mask=True), n)
+        timed(
+            "encode_frame(TEXT, result, mask=True) client side",
+            lambda d=data: frames.encode_frame(frames.OP_TEXT, d, mask=True),
+            n,
+        )
     print("wsproto (in memory; add one recv/send syscall each):")
     client, server = wsproto_pair()
     for name, msg in messages().items():
@@ -172,8 +183,9 @@ def sec_framing(n: int) -> None:
         timed(f"receive_data + events, {name} ({len(frame)} B frame)", recv, n)
     for name in ("task", "done", "update"):
         text = p.encode(messages()[name])
-        timed(f"send(TextMessage({name})) -> bytes",
-              lambda t=text: server.send(ev.TextMessage(t)), n)
+        timed(
+            f"send(TextMessage({name})) -> bytes", lambda t=text: server.send(ev.TextMessage(t)), n
+        )
 
 
 def sec_client(n: int) -> None:
@@ -273,12 +285,19 @@ def sec_hub(n: int) -> None:
     one.spent[0] = 0.0  # type: ignore[attr-defined]
     for _ in range(n):
         one()
-    print(f"  {'receive + decode + route + encode + send, per task':<66} "
-          f"{one.spent[0] / n * 1e6:8.2f} µs")  # type: ignore[attr-defined]
+    print(
+        f"  {'receive + decode + route + encode + send, per task':<66} "
+        f"{one.spent[0] / n * 1e6:8.2f} µs"
+    )  # type: ignore[attr-defined]
 
 
-SECTIONS = {"protocol": sec_protocol, "router": sec_router, "framing": sec_framing,
-            "client": sec_client, "hub": sec_hub}
+SECTIONS = {
+    "protocol": sec_protocol,
+    "router": sec_router,
+    "framing": sec_framing,
+    "client": sec_client,
+    "hub": sec_hub,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,8 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=20000, help="operations per measurement")
     ap.add_argument("--batch", type=int, default=64, help="router: tasks in flight")
     ap.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections")
-    ap.add_argument("--profile", choices=list(SECTIONS), default=None,
-                    help="run one section under cProfile and print the top 25 by self time")
+    ap.add_argument(
+        "--profile",
+        choices=list(SECTIONS),
+        default=None,
+        help="run one section under cProfile and print the top 25 by self time",
+    )
     args = ap.parse_args(argv)
     if args.profile:
         prof = cProfile.Profile()

@@ -68,9 +68,13 @@ def report(path: str, n: int) -> str:
         else:
             kinds["main"].append((frames, c))
     out = [f"{path}: {total} samples"]
-    out.append("  samples by thread kind: " + ", ".join(
-        f"{k} {sum(c for _, c in v) / total * 100:.0f}%"
-        for k, v in sorted(kinds.items(), key=lambda kv: -sum(c for _, c in kv[1]))))
+    out.append(
+        "  samples by thread kind: "
+        + ", ".join(
+            f"{k} {sum(c for _, c in v) / total * 100:.0f}%"
+            for k, v in sorted(kinds.items(), key=lambda kv: -sum(c for _, c in kv[1]))
+        )
+    )
     selft: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     files: collections.Counter[str] = collections.Counter()

@@ -31,8 +31,11 @@ sys.path.insert(0, HERE)
 import benchlib as bl  # noqa: E402
 
 SYSTEM = "taskhub"
-KEYS = {"bench-pub": "pub-key-0123456789", "bench-worker": "worker-key-0123456789",
-        "bench-idle": "idle-key-0123456789"}
+KEYS = {
+    "bench-pub": "pub-key-0123456789",
+    "bench-worker": "worker-key-0123456789",
+    "bench-idle": "idle-key-0123456789",
+}
 # The hub's start window: a task must be started within this many seconds of being
 # published. The library default (0.1 s) is meant for interactive use; a box with
 # three busy processes on 2 cores can stall a thread longer than that, which would
@@ -45,22 +48,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workload", default="W1,W2,W3,W4", help="W1, W2, W3, W4 or a comma list")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--scale", type=float, default=1.0,
-                    help="multiply task counts and time caps (smoke runs)")
-    ap.add_argument("--idle", type=int, default=None,
-                    help="idle clients for W4 (default 200; e.g. 2000 for the scaling test)")
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="multiply task counts and time caps (smoke runs)"
+    )
+    ap.add_argument(
+        "--idle",
+        type=int,
+        default=None,
+        help="idle clients for W4 (default 200; e.g. 2000 for the scaling test)",
+    )
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--port", type=int, default=0, help="hub port (default: 18506 if free)")
-    ap.add_argument("--worker-threads", type=int, default=64,
-                    help="the worker's max_workers (handler threads; >= W2's 64 in flight)")
-    ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="record the hub, worker and publisher with py-spy during the "
-                         "measured window of each workload into DIR (needs py-spy on PATH "
-                         "or next to this Python)")
-    ap.add_argument("--profile-all", action="store_true",
-                    help="py-spy: sample every thread that is not idle, not only the one "
-                         "holding the GIL (py-spy's idle detection misses threads blocked "
-                         "in recv here, so the default --gil view is the useful one)")
+    ap.add_argument(
+        "--worker-threads",
+        type=int,
+        default=64,
+        help="the worker's max_workers (handler threads; >= W2's 64 in flight)",
+    )
+    ap.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="record the hub, worker and publisher with py-spy during the "
+        "measured window of each workload into DIR (needs py-spy on PATH "
+        "or next to this Python)",
+    )
+    ap.add_argument(
+        "--profile-all",
+        action="store_true",
+        help="py-spy: sample every thread that is not idle, not only the one "
+        "holding the GIL (py-spy's idle detection misses threads blocked "
+        "in recv here, so the default --gil view is the useful one)",
+    )
     ap.add_argument("--no-table", action="store_true", help="do not print the summary table")
     ap.add_argument("--role", default="bench", help=argparse.SUPPRESS)
     ap.add_argument("--lifetime", type=float, default=HELPER_LIFETIME, help=argparse.SUPPRESS)
@@ -116,8 +135,12 @@ def role_worker(args: argparse.Namespace) -> None:
             task.update(bl.make_update(seq, k))
         return payload
 
-    client = Client(f"ws://{bl.HOST}:{args.port}", name="bench-worker",
-                    key=KEYS["bench-worker"], max_workers=args.worker_threads)
+    client = Client(
+        f"ws://{bl.HOST}:{args.port}",
+        name="bench-worker",
+        key=KEYS["bench-worker"],
+        max_workers=args.worker_threads,
+    )
     try:
         client.sub("echo", echo)
         client.sub("progress", progress)
@@ -137,15 +160,21 @@ def role_idle(args: argparse.Namespace) -> None:
         for _ in range(n):
             if time.monotonic() > t_end:
                 raise RuntimeError(f"only {len(clients)} idle clients connected in 120 s")
-            clients.append(Client(f"ws://{bl.HOST}:{args.port}", name="bench-idle",
-                                  key=KEYS["bench-idle"], max_workers=1))
+            clients.append(
+                Client(
+                    f"ws://{bl.HOST}:{args.port}",
+                    name="bench-idle",
+                    key=KEYS["bench-idle"],
+                    max_workers=1,
+                )
+            )
         print(f"{len(clients)} idle connections open", flush=True)
         _bounded_wait(args.lifetime)
     finally:
         # close in parallel-ish: a close waits for the hub's Close answer
         closers = [threading.Thread(target=c.close, daemon=True) for c in clients]
         for i in range(0, len(closers), 100):
-            batch = closers[i:i + 100]
+            batch = closers[i : i + 100]
             for t in batch:
                 t.start()
             for t in batch:
@@ -159,8 +188,9 @@ class Publisher:
     def __init__(self, port: int) -> None:
         from taskhub_sync import Client
 
-        self.client = Client(f"ws://{bl.HOST}:{port}", name="bench-pub",
-                             key=KEYS["bench-pub"], max_workers=1)
+        self.client = Client(
+            f"ws://{bl.HOST}:{port}", name="bench-pub", key=KEYS["bench-pub"], max_workers=1
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -219,8 +249,9 @@ def _py_spy() -> str | None:
     return which("py-spy")
 
 
-def start_profiles(procs: bl.Procs, outdir: str, wl: str, pids: dict[str, int],
-                   duration: float, gil: bool = True) -> list[Any]:
+def start_profiles(
+    procs: bl.Procs, outdir: str, wl: str, pids: dict[str, int], duration: float, gil: bool = True
+) -> list[Any]:
     exe = _py_spy()
     if exe is None:
         print("py-spy not found: --profile ignored", file=sys.stderr)
@@ -229,8 +260,22 @@ def start_profiles(procs: bl.Procs, outdir: str, wl: str, pids: dict[str, int],
     started = []
     for name, pid in pids.items():
         out = os.path.join(outdir, f"{wl}-{name}.txt")
-        cmd = [exe, "record", "-p", str(pid), "-o", out, "-f", "raw", "-r", "200",
-               "-d", str(max(1, int(duration))), "--threads", "--nonblocking"]
+        cmd = [
+            exe,
+            "record",
+            "-p",
+            str(pid),
+            "-o",
+            out,
+            "-f",
+            "raw",
+            "-r",
+            "200",
+            "-d",
+            str(max(1, int(duration))),
+            "--threads",
+            "--nonblocking",
+        ]
         if gil:
             cmd.append("--gil")  # only the thread holding the GIL: Python's own CPU
         started.append(procs.start(cmd, f"py-spy-{name}"))
@@ -256,8 +301,9 @@ def bench(args: argparse.Namespace) -> int:
     try:
         hub = procs.start(me + ["--role", "hub"], "hub")
         bl.wait_for_line(procs.log_path("hub"), "hub listening", 30, hub)
-        wrk = procs.start(me + ["--role", "worker", "--worker-threads", str(args.worker_threads)],
-                          "worker")
+        wrk = procs.start(
+            me + ["--role", "worker", "--worker-threads", str(args.worker_threads)], "worker"
+        )
         bl.wait_for_line(procs.log_path("worker"), "worker subscribed", 30, wrk)
         probe = bl.Probe(server=hub.pid, worker=wrk.pid, publisher=os.getpid())
         for wl in args.workloads:
@@ -278,38 +324,57 @@ def bench(args: argparse.Namespace) -> int:
                 rss_before = bl.rss_kb(hub.pid)
                 threads_before = bl.thread_count(hub.pid)
                 idle = procs.start(me + ["--role", "idle"], "idle")
-                bl.wait_for_line(procs.log_path("idle"), "idle connections open",
-                                 150, idle)
+                bl.wait_for_line(procs.log_path("idle"), "idle connections open", 150, idle)
                 t_end = time.monotonic() + 60
-                while (bl.thread_count(hub.pid) < threads_before + n_idle
-                       and time.monotonic() < t_end):
+                while (
+                    bl.thread_count(hub.pid) < threads_before + n_idle and time.monotonic() < t_end
+                ):
                     time.sleep(0.2)
                 time.sleep(1.0)
-                extra = dict(idle_clients=n_idle, server_rss_kb_before=rss_before,
-                             server_threads_before=threads_before, w1_rate_paired=paired)
+                extra = dict(
+                    idle_clients=n_idle,
+                    server_rss_kb_before=rss_before,
+                    server_threads_before=threads_before,
+                    w1_rate_paired=paired,
+                )
             for run in range(args.runs):
                 pub = Publisher(port)
                 spies = []
                 if args.profile and run == 0:
                     spies = start_profiles(
-                        procs, args.profile, name,
+                        procs,
+                        args.profile,
+                        name,
                         dict(hub=hub.pid, worker=wrk.pid, publisher=os.getpid()),
-                        p["max_s"] + 5, gil=not args.profile_all)
+                        p["max_s"] + 5,
+                        gil=not args.profile_all,
+                    )
                 idle_cpu0 = bl.cpu_seconds(idle.pid) if idle is not None else 0.0
                 if wl == "W2":
                     res = pub.window(p, probe)
                 else:
                     res = pub.sequential(p, probe, "progress" if wl == "W3" else "echo")
                 if wl == "W4":
-                    extra.update(server_rss_kb=bl.rss_kb(hub.pid),
-                                 server_threads=bl.thread_count(hub.pid))
+                    extra.update(
+                        server_rss_kb=bl.rss_kb(hub.pid), server_threads=bl.thread_count(hub.pid)
+                    )
                     if idle is not None and res[0]:  # the idle process's own CPU
                         extra["idle_cpu_us_per_task"] = round(
-                            (bl.cpu_seconds(idle.pid) - idle_cpu0) / len(res[0]) * 1e6, 1)
+                            (bl.cpu_seconds(idle.pid) - idle_cpu0) / len(res[0]) * 1e6, 1
+                        )
                 extra["foreign_cpu_pct"] = probe.foreign_cpu_pct(res[2], res[3])
                 system = SYSTEM + ("+py-spy" if spies else "")
-                r = bl.summarize(system, name, run, res[0], res[1], res[2], res[3],
-                                 updates=res[4] if wl == "W3" else None, extra=dict(extra))
+                r = bl.summarize(
+                    system,
+                    name,
+                    run,
+                    res[0],
+                    res[1],
+                    res[2],
+                    res[3],
+                    updates=res[4] if wl == "W3" else None,
+                    extra=dict(extra),
+                )
                 bl.emit(out, r)
                 records.append(r)
                 pub.close()

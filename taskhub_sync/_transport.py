@@ -80,7 +80,7 @@ class StreamSocket:
                 raise socket.timeout("timed out")
             try:
                 if self._io_lock is None:
-                    return sock.recv(_CHUNK)  # type: ignore[no-any-return]
+                    return sock.recv(_CHUNK)
                 with self._io_lock:
                     return sock.recv(_CHUNK)  # type: ignore[no-any-return]
             except _WOULD_BLOCK:

@@ -498,7 +498,7 @@ class Client:
                 if opcode == OP_TEXT:
                     welcome = p.decode(payload)
                     if not isinstance(welcome, p.Welcome):
-                        raise ProtocolError(f"expected welcome, got {welcome.TYPE!r}")  # type: ignore[union-attr]
+                        raise ProtocolError(f"expected welcome, got {welcome.TYPE!r}")
                     link.backlog = frames[i + 1 :]
                     return welcome
 
@@ -591,8 +591,8 @@ class Client:
             while True:
                 try:
                     self._read(self._link)
-                except _Lost as lost:
-                    error = lost.error
+                except _Lost as ended:
+                    error = ended.error
                 if self._closing:
                     return
                 self._lost = error
@@ -608,10 +608,10 @@ class Client:
             self._ended.set()
             self._connected.set()  # wake waiters: they see _ended
             self._link.drop()
-            lost = self._lost
-            if not isinstance(lost, ConnectionLost):
-                lost = ConnectionLost(f"connection to {self.url} lost: {lost}")
-            self._fail_all(lost)
+            why = self._lost
+            if not isinstance(why, ConnectionLost):
+                why = ConnectionLost(f"connection to {self.url} lost: {why}")
+            self._fail_all(why)
 
     def _read(self, link: _Link) -> None:
         """Read and dispatch until this connection ends; raises _Lost with why."""
@@ -690,7 +690,7 @@ class Client:
         elif kind is p.Reply:
             self._on_reply(msg)  # type: ignore[arg-type]
         else:
-            raise ProtocolError(f"unexpected {msg.TYPE!r} from the hub")  # type: ignore[union-attr]
+            raise ProtocolError(f"unexpected {msg.TYPE!r} from the hub")
 
     def _on_reply(self, reply: p.Reply) -> None:
         with self._lock:
@@ -799,7 +799,7 @@ class Client:
         try:
             self._send(msg)
         except ConnectionLost:
-            logger.debug("dropped %s: connection lost", msg.TYPE)  # type: ignore[union-attr]
+            logger.debug("dropped %s: connection lost", msg.TYPE)
 
     def _send_for_task(self, task: Task, msg: p.Message) -> None:
         """Send a worker message, unless the task came on an earlier connection (the
@@ -826,7 +826,7 @@ class Client:
         try:
             link.send_text(text)
         except OSError:
-            logger.debug("%s for %s dropped: connection lost", msg.TYPE, task.id)  # type: ignore[union-attr]
+            logger.debug("%s for %s dropped: connection lost", msg.TYPE, task.id)
 
     def _fail_handles(self, error: BaseException) -> None:
         with self._lock:

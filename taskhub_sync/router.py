@@ -246,7 +246,7 @@ class Router:
         conn.published = detached.conn.published
         conn.recent = detached.conn.recent
         out = [Outgoing(conn_id, m) for m in detached.buffer]
-        answered = {m.task for m in detached.buffer if type(m) is p.Done}  # type: ignore[union-attr]
+        answered = {m.task for m in detached.buffer if type(m) is p.Done}
         recent = {done.task: done for done in conn.recent}
         for task_id in pending:
             if task_id in conn.published or task_id in answered:
@@ -278,7 +278,7 @@ class Router:
             return self._on_subscribe(conn, message)  # type: ignore[arg-type]
         if kind is p.Unsubscribe:
             return self._on_unsubscribe(conn, message)  # type: ignore[arg-type]
-        raise ProtocolError(f"a client may not send {message.TYPE!r} now")  # type: ignore[union-attr]
+        raise ProtocolError(f"a client may not send {message.TYPE!r} now")
 
     def disconnect(self, conn_id: str, now: float) -> list[Outgoing]:
         """Forget a connection: its subscriptions, its tasks and the tasks it held."""
@@ -574,7 +574,7 @@ class Router:
         if type(msg) is p.Done:
             conn = detached.conn if detached else self._conns.get(task.publisher)
             if conn is not None:
-                conn.recent.append(msg)  # type: ignore[arg-type]
+                conn.recent.append(msg)
         if detached is None:
             out.append(Outgoing(task.publisher, msg))
         elif type(msg) is p.Update and len(detached.buffer) >= self.max_buffered:
