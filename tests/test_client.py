@@ -190,9 +190,10 @@ def test_max_workers_bounds_concurrent_handlers(make_hub, make_client):
     with hub._lock:
         assert hub._router.held_count(worker.session) == 2
         states = [hub._router.task_state(h.task_id) for h in handles]
-    assert states[:2] == [{"geocoder": RState.STARTED}] * 2
+    release.set()  # before asserting: a failure must not leave the handlers waiting
+    # The two running ones: their start() may still be on the way to the hub.
+    assert all(s["geocoder"] in (RState.DELIVERED, RState.STARTED) for s in states[:2])
     assert states[2:] == [{"geocoder": RState.QUEUED}] * 4
-    release.set()
     assert [h.get_result(timeout=WAIT) for h in handles] == list(range(6))
     assert peak == 2
 
