@@ -27,6 +27,9 @@ import struct
 import threading
 from typing import Any
 
+from ._frames import OP_TEXT, FrameError, FrameReader, encode_frame
+from .errors import ConnectionLost, ProtocolError
+
 _CHUNK = 65536
 _WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -163,3 +166,59 @@ def _wait(sock: socket.socket, event: int, timeout: float | None) -> bool:
     poller = select.poll()
     poller.register(sock, event | select.POLLERR | select.POLLHUP)
     return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000) + 1)))
+
+
+#: Largest message a client accepts from the hub (the hub enforces its own limit
+#: on what it receives; a done message with several results may be larger).
+_MAX_INCOMING = 64 * 1024 * 1024
+
+
+class Link:
+    """One open connection to the hub: our framing over a StreamSocket.
+
+    websocket-client did the upgrade; from there frames are ours (see _frames.py).
+    One reader thread calls read(); any thread may send_text().
+    """
+
+    def __init__(self, stream: StreamSocket) -> None:
+        self.stream = stream
+        self.backlog: list[tuple[int, bytes]] = []  # frames read before the reader ran
+        self._reader = FrameReader(_MAX_INCOMING, masked=False)
+        self._send_lock = threading.Lock()  # whole frames, never interleaved
+
+    def send_text(self, text: str) -> None:
+        self.write(encode_frame(OP_TEXT, text.encode("ascii"), mask=True))
+
+    def write(self, frame: bytes) -> None:
+        with self._send_lock:
+            self.stream.sendall(frame)
+
+    def read(self) -> list[tuple[int, bytes]]:
+        """The next frames. Raises ConnectionLost at EOF, ProtocolError on bad framing,
+        socket.timeout after the socket's timeout."""
+        if self.backlog:
+            frames, self.backlog = self.backlog, []
+            return frames
+        data = self.stream.recv_some()
+        if not data:
+            raise ConnectionLost("the hub closed the socket")
+        try:
+            return self._reader.feed(data)
+        except FrameError as exc:
+            raise ProtocolError(f"bad frame from the hub: {exc.reason}") from None
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.stream.settimeout(timeout)
+
+    @property
+    def sock(self) -> StreamSocket:
+        """The socket (tests shut it down to simulate a dropped connection)."""
+        return self.stream
+
+    def drop(self) -> None:
+        """Shut the socket down (waking any thread blocked on it), then close it."""
+        try:
+            self.stream.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.stream.close()

@@ -37,28 +37,22 @@ from ._frames import (
     OP_PONG,
     OP_TEXT,
     FrameError,
-    FrameReader,
     encode_close,
     encode_frame,
     parse_close,
 )
-from ._transport import StreamSocket
+from ._transport import Link, StreamSocket
 from .errors import (
     AuthenticationError,
     ConcurrencyError,
     ConnectionLost,
     InvalidTopic,
     LimitExceeded,
-    NoSubscribers,
-    Overloaded,
     PayloadTooLarge,
     PermissionDenied,
     ProtocolError,
-    TaskError,
-    TaskFailed,
     TaskHubError,
-    TaskTimeout,
-    WorkerLost,
+    from_code,
 )
 from .handle import TaskHandle
 from .task import Task, _HandlerPool
@@ -67,97 +61,6 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Task], Any]
 H = TypeVar("H", bound=Handler)
-
-_TASK_ERRORS: dict[str, type[TaskError]] = {
-    "no_subscribers": NoSubscribers,
-    "overloaded": Overloaded,
-    "timeout": TaskTimeout,
-    "payload_too_large": PayloadTooLarge,
-}
-
-
-def _task_error(info: p.ErrorInfo, task_id: str, topic: str) -> TaskHubError:
-    """Turn the hub's ErrorInfo for a task into the matching exception."""
-    code = info.code
-    if code == "permission_denied":
-        return PermissionDenied(info.message, topic=topic)
-    if code == "invalid_topic":
-        return InvalidTopic(info.message)
-    if code == "connection_lost":
-        return ConnectionLost(info.message)
-    if code in ("too_many_pending", "too_many_subscriptions"):
-        return LimitExceeded(info.message)
-    if code == "worker_lost":
-        return WorkerLost(info.message, task_id=task_id, topic=topic, service=info.service)
-    if code == "failed":
-        remote_type = info.remote_type or "Exception"
-        prefix = f"{remote_type}: "
-        remote_message = info.message[len(prefix) :] if info.message.startswith(prefix) else ""
-        return TaskFailed(
-            f"task {task_id} on {topic!r} failed at {info.service!r}: {info.message}",
-            task_id=task_id,
-            topic=topic,
-            service=info.service,
-            remote_type=remote_type,
-            remote_message=remote_message or info.message,
-        )
-    return _TASK_ERRORS.get(code, TaskError)(info.message, task_id=task_id, topic=topic)
-
-
-#: Largest message the client accepts from the hub (the hub enforces its own limit
-#: on what it receives; a done message with several results may be larger).
-_MAX_INCOMING = 64 * 1024 * 1024
-
-
-class _Link:
-    """One open connection to the hub: our framing over a StreamSocket.
-
-    websocket-client did the upgrade; from there frames are ours (see _frames.py).
-    One reader thread calls read(); any thread may send_text().
-    """
-
-    def __init__(self, stream: StreamSocket) -> None:
-        self.stream = stream
-        self.backlog: list[tuple[int, bytes]] = []  # frames read before the reader ran
-        self._reader = FrameReader(_MAX_INCOMING, masked=False)
-        self._send_lock = threading.Lock()  # whole frames, never interleaved
-
-    def send_text(self, text: str) -> None:
-        self.write(encode_frame(OP_TEXT, text.encode("ascii"), mask=True))
-
-    def write(self, frame: bytes) -> None:
-        with self._send_lock:
-            self.stream.sendall(frame)
-
-    def read(self) -> list[tuple[int, bytes]]:
-        """The next frames. Raises ConnectionLost at EOF, ProtocolError on bad framing,
-        socket.timeout after the socket's timeout."""
-        if self.backlog:
-            frames, self.backlog = self.backlog, []
-            return frames
-        data = self.stream.recv_some()
-        if not data:
-            raise ConnectionLost("the hub closed the socket")
-        try:
-            return self._reader.feed(data)
-        except FrameError as exc:
-            raise ProtocolError(f"bad frame from the hub: {exc.reason}") from None
-
-    def settimeout(self, timeout: float | None) -> None:
-        self.stream.settimeout(timeout)
-
-    @property
-    def sock(self) -> StreamSocket:
-        """The socket (tests shut it down to simulate a dropped connection)."""
-        return self.stream
-
-    def drop(self) -> None:
-        """Shut the socket down (waking any thread blocked on it), then close it."""
-        try:
-            self.stream.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.stream.close()
 
 
 class _Lost(Exception):
@@ -409,7 +312,7 @@ class Client:
         self._fail_all(ConnectionLost("the client was closed"))
 
     @property
-    def _ws(self) -> _Link:
+    def _ws(self) -> Link:
         """The current connection (a test seam: ``client._ws.sock.shutdown(...)``)."""
         return self._link
 
@@ -435,7 +338,7 @@ class Client:
 
     # ----------------------------------------------------------------- connecting
 
-    def _connect(self, session: str | None, deadline: Deadline) -> tuple[_Link, p.Welcome]:
+    def _connect(self, session: str | None, deadline: Deadline) -> tuple[Link, p.Welcome]:
         """Open, upgrade and authenticate one connection, within ``deadline``."""
         url = self.url
         parts = urlsplit(url)
@@ -465,7 +368,7 @@ class Client:
             raise TimeoutError(f"no answer from {url} within the open timeout") from exc
         except (OSError, websocket.WebSocketException) as exc:
             raise ConnectionLost(f"cannot connect to {url}: {exc}") from exc
-        link = _Link(stream)
+        link = Link(stream)
         try:
             pending = self._resumable_ids() if session else ()
             hello = p.Hello(self.name, self._key, self._max_workers, session, pending)
@@ -481,7 +384,7 @@ class Client:
         link.settimeout(self.ping_interval)
         return link, welcome
 
-    def _await_welcome(self, link: _Link, deadline: Deadline) -> p.Welcome:
+    def _await_welcome(self, link: Link, deadline: Deadline) -> p.Welcome:
         """Read until the hub's welcome (or its refusal); keep what follows it."""
         while True:
             link.settimeout(max(deadline.remaining() or 0.0, 0.001))
@@ -613,7 +516,7 @@ class Client:
                 why = ConnectionLost(f"connection to {self.url} lost: {why}")
             self._fail_all(why)
 
-    def _read(self, link: _Link) -> None:
+    def _read(self, link: Link) -> None:
         """Read and dispatch until this connection ends; raises _Lost with why."""
         awaiting_pong = False
         try:
@@ -666,29 +569,37 @@ class Client:
             self._fail_handles(ConnectionLost(f"connection to {self.url} lost: {error}"))
 
     def _dispatch(self, msg: p.Message) -> None:
-        kind = type(msg)
-        if kind is p.Done:
+        """Act on one message from the hub. Runs on the reader thread."""
+        if isinstance(msg, p.Done):
             with self._lock:
-                handle = self._handles.pop(msg.task, None)  # type: ignore[union-attr]
+                handle = self._handles.pop(msg.task, None)
             if handle is not None:
+                info = msg.error
                 error = None
-                if msg.error is not None:  # type: ignore[union-attr]
-                    error = _task_error(msg.error, handle.task_id, handle.topic)  # type: ignore[union-attr]
-                handle._complete(msg.result, error, msg.outcomes)  # type: ignore[union-attr]
-        elif kind is p.Update:
+                if info is not None:
+                    error = from_code(
+                        info.code,
+                        info.message,
+                        task_id=handle.task_id,
+                        topic=handle.topic,
+                        service=info.service,
+                        remote_type=info.remote_type,
+                    )
+                handle._complete(msg.result, error, msg.outcomes)
+        elif isinstance(msg, p.Update):
             with self._lock:
-                handle = self._handles.get(msg.task)  # type: ignore[union-attr]
+                handle = self._handles.get(msg.task)
             if handle is not None:
-                handle._add_update(msg.data)  # type: ignore[union-attr]
-        elif kind is p.Task:
-            self._accept_task(msg)  # type: ignore[arg-type]
-        elif kind is p.Cancel:
+                handle._add_update(msg.data)
+        elif isinstance(msg, p.Task):
+            self._accept_task(msg)
+        elif isinstance(msg, p.Cancel):
             with self._lock:
-                task = self._running.get(msg.task)  # type: ignore[union-attr]
+                task = self._running.get(msg.task)
             if task is not None:
-                task._cancelled_by_hub(msg.reason)  # type: ignore[union-attr]
-        elif kind is p.Reply:
-            self._on_reply(msg)  # type: ignore[arg-type]
+                task._cancelled_by_hub(msg.reason)
+        elif isinstance(msg, p.Reply):
+            self._on_reply(msg)
         else:
             raise ProtocolError(f"unexpected {msg.TYPE!r} from the hub")
 

@@ -177,3 +177,46 @@ class InvalidState(TaskHubError):
 
 class ConcurrencyError(TaskHubError):
     """The call would deadlock on this thread (e.g. waiting on the client's reader thread)."""
+
+
+_TASK_ERRORS: dict[str, type[TaskError]] = {
+    "no_subscribers": NoSubscribers,
+    "overloaded": Overloaded,
+    "timeout": TaskTimeout,
+    "payload_too_large": PayloadTooLarge,
+}
+
+
+def from_code(
+    code: str,
+    message: str,
+    *,
+    task_id: str,
+    topic: str,
+    service: str | None = None,
+    remote_type: str | None = None,
+) -> TaskHubError:
+    """The exception for an error code the hub sent about a task (see docs/protocol.rst)."""
+    if code == "permission_denied":
+        return PermissionDenied(message, topic=topic)
+    if code == "invalid_topic":
+        return InvalidTopic(message)
+    if code == "connection_lost":
+        return ConnectionLost(message)
+    if code in ("too_many_pending", "too_many_subscriptions"):
+        return LimitExceeded(message)
+    if code == "worker_lost":
+        return WorkerLost(message, task_id=task_id, topic=topic, service=service)
+    if code == "failed":
+        remote_type = remote_type or "Exception"
+        prefix = f"{remote_type}: "
+        remote_message = message[len(prefix) :] if message.startswith(prefix) else message
+        return TaskFailed(
+            f"task {task_id} on {topic!r} failed at {service!r}: {message}",
+            task_id=task_id,
+            topic=topic,
+            service=service,
+            remote_type=remote_type,
+            remote_message=remote_message,
+        )
+    return _TASK_ERRORS.get(code, TaskError)(message, task_id=task_id, topic=topic)

@@ -1,0 +1,442 @@
+"""One client connection of the hub: handshake, authentication, reading, writing.
+
+Each connection has its own thread (``taskhub-conn-HOST:PORT``) that does the
+WebSocket upgrade with wsproto, checks the hello, then reads frames (see
+_frames.py) and hands decoded messages to ``Server._route``. Any thread may queue
+messages on its outbox and ``flush()`` them; writes never wait for a slow reader
+(see _transport.py): what the socket doesn't take is written by a drain thread
+started on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import wsproto
+import wsproto.events as ev
+from wsproto.utilities import RemoteProtocolError
+
+from . import config
+from . import protocol as p
+from ._deadline import Deadline
+from ._frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameError,
+    FrameReader,
+    encode_close,
+    encode_frame,
+    parse_close,
+)
+from ._transport import StreamSocket
+from .auth import DUMMY_KEY
+from .errors import AuthenticationError, ProtocolError
+
+if TYPE_CHECKING:
+    from .server import Server
+
+logger = logging.getLogger("taskhub_sync.server")
+
+_MAX_CONCURRENCY = 1024  # cap on what a client may claim in hello
+
+
+class _Closed(Exception):
+    """Internal: the connection is over; carries the close code and reason."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Connection:
+    """One client socket. The reader thread owns reads; any thread may flush().
+
+    States: ``upgraded`` once the WebSocket handshake is done, ``close_sent`` once
+    our Close frame is queued (nothing is written after it), ``dead`` once the
+    socket is shut down.
+    """
+
+    def __init__(self, server: Server, sock: socket.socket, addr: Any) -> None:
+        self.server = server
+        self.sock = sock
+        self.stream = StreamSocket(sock)
+        self.peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        self.id = self.peer  # replaced by a unique id once authenticated
+        self.name: str | None = None
+        self.reader = FrameReader(server.max_message_size)
+        self.send_lock = threading.Lock()  # one writer at a time, in outbox order
+        self.outbox: deque[bytes | p.Message] = deque()  # messages or ready frames
+        self.unsent = bytearray()  # written to the socket only in part (send_lock)
+        self.drainer: threading.Thread | None = None  # writes unsent (send_lock)
+        self.upgraded = False
+        self.close_sent = False
+        self.dead = False
+        self.slow = False  # set under the server lock when its outbox overflows
+        self.thread = threading.Thread(
+            target=self._run, name=f"taskhub-conn-{self.peer}", daemon=True
+        )
+
+    # -- writing -----------------------------------------------------------
+
+    def flush(self, wait: bool = False) -> None:
+        """Write everything queued in the outbox, in one ``sendall``. Safe from any thread.
+
+        Doesn't wait for another writer (unless ``wait``): whoever holds the send lock
+        checks the outbox again after releasing it, so nothing queued is stranded,
+        and a thread routing a message never stalls behind a slow consumer's write.
+        """
+        while self.outbox and not self.dead:
+            if not self.send_lock.acquire(blocking=wait):
+                return
+            try:
+                self._write_queued()
+            finally:
+                self.send_lock.release()
+
+    def _write_queued(self) -> None:
+        """Encode the outbox and write what the socket takes now. Requires send_lock.
+
+        Never waits: what does not fit stays in ``unsent`` for this connection's
+        drain thread, started on demand, which waits until the peer reads it (or
+        drops the peer as a slow consumer after ping_interval).
+        """
+        chunks = []
+        outbox = self.outbox
+        while outbox:
+            item = outbox.popleft()
+            if self.close_sent:
+                continue  # nothing may follow a Close frame
+            if type(item) is bytes:
+                chunks.append(item)
+                self.close_sent = item[0] == 0x80 | OP_CLOSE
+            else:
+                text = p.encode(item)  # type: ignore[arg-type]
+                chunks.append(encode_frame(OP_TEXT, text.encode("ascii")))
+        if not chunks or self.dead:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.drainer is not None:  # already behind: keep the order, let it write
+            self.unsent += data
+        else:
+            try:
+                sent = self.stream.send_some(data)
+            except OSError as exc:
+                self._abort(f"write failed: {exc!r}")
+                return
+            if sent < len(data):
+                self.unsent += data[sent:]
+                self.drainer = threading.Thread(
+                    target=self._drain, name=f"taskhub-drain-{self.peer}", daemon=True
+                )
+                self.drainer.start()
+        if len(self.unsent) > config.MAX_UNSENT_BYTES:
+            self._abort("slow consumer: too much data waiting for it to read")
+
+    def _drain(self) -> None:
+        """Write ``unsent`` as the peer reads it; drop the peer if it stops reading."""
+        while True:
+            if not self.stream.wait_writable(self.server.ping_interval):
+                self._abort("slow consumer: it read nothing for ping_interval")
+            with self.send_lock:
+                if self.dead or not self.unsent:
+                    self.unsent.clear()
+                    self.drainer = None
+                    return
+                try:
+                    sent = self.stream.send_some(memoryview(self.unsent))
+                except OSError as exc:
+                    self._abort(f"write failed: {exc!r}")
+                    continue
+                del self.unsent[:sent]
+                if not self.unsent:
+                    self.drainer = None
+                    return
+
+    def send_now(self, item: bytes | p.Message) -> None:
+        """Queue and write, waiting for the send lock (order matters to the caller)."""
+        self.outbox.append(item)
+        self.flush(wait=True)
+
+    def close(self, code: int, reason: str) -> None:
+        """Send a Close frame once (after the upgrade). The reader thread then winds down."""
+        if self.upgraded and not self.close_sent:
+            self.send_now(encode_close(code, reason))
+
+    def _abort(self, why: str) -> None:
+        """Tear the socket down now; wakes the reader blocked in recv()."""
+        if not self.dead:
+            self.dead = True
+            logger.log(
+                logging.WARNING if why.startswith("slow") else logging.DEBUG,
+                "connection %s (%s) dropped: %s",
+                self.peer,
+                self.name,
+                why,
+            )
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _linger(self) -> None:
+        """Let a Close frame we sent reach the peer, then drop the socket.
+
+        Half-close, then read (and discard) until the peer's EOF or one second, so
+        the kernel does not answer unread data with a RST that would destroy the
+        close reason in flight (PITFALLS LP-07).
+        """
+        deadline = Deadline(1.0)
+        drainer = self.drainer
+        if drainer is not None:  # the Close frame may be in what it still has to write
+            drainer.join(deadline.remaining())
+        if not self.dead:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+                while not deadline.expired():
+                    self.stream.settimeout(deadline.remaining())
+                    if not self.stream.recv_some():
+                        break
+            except (OSError, ValueError):
+                pass
+        self._abort("closed")
+        drainer = self.drainer
+        if drainer is not None:
+            drainer.join(1.0)  # woken by the shutdown
+
+    # -- reading -----------------------------------------------------------
+
+    def _recv(self) -> bytes:
+        try:
+            data = self.stream.recv_some()
+        except ssl.SSLError as exc:
+            raise _Closed(p.CLOSE_PROTOCOL_ERROR, f"TLS error: {exc}") from None
+        if not data:
+            raise _Closed(p.CLOSE_NORMAL, "peer closed the socket")
+        return data
+
+    def _frames(self) -> list[tuple[int, bytes]]:
+        """The next batch of frames, in order (pings are answered here)."""
+        try:
+            frames = self.reader.feed(self._recv())
+        except FrameError as exc:
+            raise _Closed(exc.code, exc.reason) from None
+        for opcode, payload in frames:
+            if opcode == OP_PING:
+                self.send_now(encode_frame(OP_PONG, payload))
+        return frames
+
+    def _ending(self, opcode: int, payload: bytes) -> _Closed | None:
+        """Why a non-text frame ends the connection (None for pings and pongs).
+
+        A Close is answered here (the closing handshake's echo).
+        """
+        if opcode == OP_CLOSE:
+            try:
+                code, reason = parse_close(payload)
+            except FrameError as exc:
+                return _Closed(exc.code, exc.reason)
+            self.close(p.CLOSE_NORMAL if code == 1005 else code, "")
+            return _Closed(p.CLOSE_NORMAL, f"peer closed ({code} {reason})")
+        if opcode == OP_BINARY:
+            return _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")
+        return None
+
+    def _run(self) -> None:
+        server = self.server
+        registered = False
+        try:
+            self._handshake(Deadline(server.auth_timeout))
+            registered = True
+            server._count_authenticated()
+            self._serve()
+        except _Closed as exc:
+            level = (
+                logging.DEBUG
+                if exc.code in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY)
+                else logging.WARNING
+            )
+            logger.log(level, "closing %s (%s): %s", self.peer, self.name, exc.reason)
+            self.close(exc.code, exc.reason)
+        except (TimeoutError, socket.timeout):
+            self.close(p.CLOSE_AUTH_TIMEOUT, "handshake or authentication timed out")
+        except OSError as exc:
+            if not self.dead and not server.stopping:
+                logger.info("connection %s (%s) lost: %r", self.peer, self.name, exc)
+        except Exception:
+            logger.exception("connection thread %s crashed", self.peer)
+            self.close(p.CLOSE_INTERNAL_ERROR, "internal error")
+        finally:
+            # Router first (fail or hand over its tasks now), then the Close handshake.
+            if registered:
+                server._on_disconnect(self)
+            self._linger()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            server._forget(self, registered)
+
+    def _handshake(self, deadline: Deadline) -> None:
+        """Accept the WebSocket upgrade, then read and check hello. Bounded by deadline."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(deadline.remaining())
+            try:
+                self.sock.do_handshake()
+            except ssl.SSLError as exc:
+                raise _Closed(p.CLOSE_NORMAL, f"TLS handshake failed: {exc}") from None
+        request, rest = self._read_request(deadline)
+        ws = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+        try:
+            ws.receive_data(request)
+            events = list(ws.events())
+        except RemoteProtocolError as exc:
+            self._reject_http(f"Bad WebSocket upgrade request: {exc}")
+            raise _Closed(p.CLOSE_NORMAL, "bad upgrade request") from None
+        if not events or not isinstance(events[0], ev.Request):
+            self._reject_http("Bad WebSocket upgrade request")
+            raise _Closed(p.CLOSE_NORMAL, "bad upgrade request")
+        self.stream.sendall(ws.send(ev.AcceptConnection()))  # no extensions (LP-03)
+        self.upgraded = True
+        frames = self.reader.feed(rest) if rest else []
+        while True:
+            for opcode, payload in frames:
+                if opcode == OP_TEXT:
+                    self._authenticate(payload)
+                    return
+                ending = self._ending(opcode, payload)
+                if ending is not None:
+                    raise ending
+            self.stream.settimeout(max(deadline.remaining() or 0.0, 0.001))
+            frames = self._frames()
+
+    def _read_request(self, deadline: Deadline) -> tuple[bytes, bytes]:
+        """The HTTP upgrade request, and whatever came after it."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            if len(data) > 16384:
+                self._reject_http("Request header too large")
+                raise _Closed(p.CLOSE_NORMAL, "request header too large")
+            self.stream.settimeout(max(deadline.remaining() or 0.0, 0.001))
+            data += self._recv()
+        end = data.index(b"\r\n\r\n") + 4
+        return data[:end], data[end:]
+
+    def _reject_http(self, text: str) -> None:
+        body = text.encode()
+        head = (
+            f"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        try:
+            self.stream.sendall(head + body)
+        except OSError:
+            pass
+
+    def _authenticate(self, text: bytes) -> None:
+        server = self.server
+        try:
+            hello = p.decode(text)
+        except ProtocolError as exc:
+            raise _Closed(p.CLOSE_BAD_MESSAGE, f"bad hello: {exc}") from None
+        if not isinstance(hello, p.Hello):
+            raise _Closed(p.CLOSE_BAD_MESSAGE, "the first message must be hello")
+        if hello.v != p.VERSION:
+            raise _Closed(p.CLOSE_BAD_MESSAGE, f"unsupported protocol version {hello.v}")
+        host = self.peer.rsplit(":", 1)[0]
+        if server._auth_limiter.blocked(host, time.monotonic()):
+            raise _Closed(p.CLOSE_AUTH_FAILED, "too many failed authentications; retry later")
+        entry = server._credentials.get(hello.name)
+        stored = entry[0] if entry else DUMMY_KEY
+        if not stored.verify(hello.key) or entry is None:
+            server._auth_limiter.failed(host, time.monotonic())
+            logger.warning("authentication failed for %r from %s", hello.name[:100], self.peer)
+            raise _Closed(p.CLOSE_AUTH_FAILED, "authentication failed: unknown name or wrong key")
+        self.name = hello.name
+        concurrency = min(hello.concurrency, _MAX_CONCURRENCY)
+        # From now on other threads write to it: they must never wait for its reader.
+        self.stream.set_nonblocking()
+        try:
+            resumed = server._on_connect(self, entry[1], concurrency, hello)
+        except AuthenticationError as exc:
+            raise _Closed(p.CLOSE_TOO_MANY_INSTANCES, str(exc)) from None
+        self.flush(wait=True)  # welcome first, then whatever a resumed session missed
+        logger.info(
+            "%s connected from %s as %s%s",
+            hello.name,
+            self.peer,
+            self.id,
+            " (resumed)" if resumed else "",
+        )
+
+    def _serve(self) -> None:
+        """Read, decode and route messages until the connection ends.
+
+        All messages that arrived together are routed under one acquisition of the
+        router lock, and what they produce is written in one go per connection.
+        """
+        server = self.server
+        self.stream.settimeout(server.ping_interval)
+        awaiting_pong = False
+        while True:
+            try:
+                frames = self._frames()
+            except (TimeoutError, socket.timeout):
+                if awaiting_pong:
+                    raise _Closed(p.CLOSE_GOING_AWAY, "no heartbeat answer") from None
+                awaiting_pong = True
+                self.send_now(encode_frame(OP_PING, b"hb"))
+                continue
+            awaiting_pong = False
+            # In arrival order: messages before a Close or a bad frame still count.
+            messages = []
+            ending = None
+            for opcode, payload in frames:
+                if opcode == OP_TEXT:
+                    try:
+                        messages.append(p.decode(payload))
+                    except ProtocolError as exc:
+                        ending = _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {exc}")
+                        break
+                else:
+                    ending = self._ending(opcode, payload)
+                    if ending is not None:
+                        break
+            if messages:
+                error = server._route(self, messages)
+                if error is not None:
+                    ending = _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {error}")
+            if ending is not None:
+                raise ending
+
+
+class _FailureLimiter:
+    """Counts failures per key in a sliding window. Callers need no lock: each call
+    is a few dict/deque operations that the GIL keeps atomic enough for a limit."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def failed(self, key: str, now: float) -> None:
+        if len(self._failures) > 10_000:  # bound memory under a spray of addresses
+            self._failures = {
+                k: v for k, v in self._failures.items() if v and v[-1] > now - self.window
+            }
+        self._failures.setdefault(key, deque()).append(now)
+
+    def blocked(self, key: str, now: float) -> bool:
+        times = self._failures.get(key)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        return bool(times) and len(times) >= self.limit  # type: ignore[arg-type]
