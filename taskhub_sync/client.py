@@ -23,12 +23,10 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
-
-import websocket
 
 from . import config, topics
 from . import protocol as p
+from ._client_conn import open_link
 from ._deadline import Deadline
 from ._frames import (
     OP_BINARY,
@@ -41,7 +39,7 @@ from ._frames import (
     encode_frame,
     parse_close,
 )
-from ._transport import Link, StreamSocket
+from ._transport import Link
 from .errors import (
     AuthenticationError,
     ConcurrencyError,
@@ -340,70 +338,11 @@ class Client:
 
     def _connect(self, session: str | None, deadline: Deadline) -> tuple[Link, p.Welcome]:
         """Open, upgrade and authenticate one connection, within ``deadline``."""
-        url = self.url
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"the hub URL must look like ws://host:port, not {url!r}")
-        secure = parts.scheme == "wss"
-        try:
-            port = parts.port or (443 if secure else 80)
-            # Our own socket (direct: no *_proxy variables, PITFALLS LP-17) wrapped in
-            # a StreamSocket, which buffers reads and makes TLS safe across threads.
-            sock = socket.create_connection((parts.hostname, port), deadline.remaining())
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if secure:
-                context = self._ssl_context or ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=parts.hostname)
-            stream = StreamSocket(sock)
-            # websocket-client does the HTTP upgrade; the frames after it are ours.
-            websocket.create_connection(
-                url,
-                timeout=deadline.remaining(),
-                socket=stream,
-                redirect_limit=0,  # never replay the handshake elsewhere (LP-18)
-                suppress_origin=True,
-            )
-        except (socket.timeout, websocket.WebSocketTimeoutException) as exc:
-            raise TimeoutError(f"no answer from {url} within the open timeout") from exc
-        except (OSError, websocket.WebSocketException) as exc:
-            raise ConnectionLost(f"cannot connect to {url}: {exc}") from exc
-        link = Link(stream)
-        try:
-            pending = self._resumable_ids() if session else ()
-            hello = p.Hello(self.name, self._key, self._max_workers, session, pending)
-            link.send_text(p.encode(hello))
-            welcome = self._await_welcome(link, deadline)
-        except BaseException as exc:
-            link.drop()
-            if isinstance(exc, socket.timeout):
-                raise TimeoutError(f"no welcome from {url} within the open timeout") from None
-            if isinstance(exc, OSError):
-                raise ConnectionLost(f"connection to {url} lost: {exc}") from exc
-            raise
+        pending = self._resumable_ids() if session else ()
+        hello = p.Hello(self.name, self._key, self._max_workers, session, pending)
+        link, welcome = open_link(self.url, hello, deadline, self._ssl_context)
         link.settimeout(self.ping_interval)
         return link, welcome
-
-    def _await_welcome(self, link: Link, deadline: Deadline) -> p.Welcome:
-        """Read until the hub's welcome (or its refusal); keep what follows it."""
-        while True:
-            link.settimeout(max(deadline.remaining() or 0.0, 0.001))
-            frames = link.read()
-            for i, (opcode, payload) in enumerate(frames):
-                if opcode == OP_CLOSE:
-                    try:
-                        code, reason = parse_close(payload)
-                    except FrameError as exc:
-                        raise ProtocolError(f"bad close frame from the hub: {exc}") from None
-                    if code in p.FATAL_CLOSE_CODES:
-                        raise AuthenticationError(reason or "authentication failed")
-                    raise ConnectionLost(f"hub closed the connection: {code} {reason}")
-                if opcode == OP_TEXT:
-                    welcome = p.decode(payload)
-                    if not isinstance(welcome, p.Welcome):
-                        raise ProtocolError(f"expected welcome, got {welcome.TYPE!r}")
-                    link.backlog = frames[i + 1 :]
-                    return welcome
 
     def _resumable_ids(self) -> tuple[str, ...]:
         """Ids of the pending tasks to name in a resuming hello, as many as fit in a
