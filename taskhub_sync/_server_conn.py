@@ -79,6 +79,7 @@ class _Connection:
         self.unsent = bytearray()  # written to the socket only in part (send_lock)
         self.drainer: threading.Thread | None = None  # writes unsent (send_lock)
         self.upgraded = False
+        self.said_goodbye = False  # the peer sent a Close frame
         self.close_sent = False
         self.dead = False
         self.slow = False  # set under the server lock when its outbox overflows
@@ -246,6 +247,7 @@ class _Connection:
             except FrameError as exc:
                 return _Closed(exc.code, exc.reason)
             self.close(p.CLOSE_NORMAL if code == 1005 else code, "")
+            self.said_goodbye = True  # a deliberate close: nothing to resume
             return _Closed(p.CLOSE_NORMAL, f"peer closed ({code} {reason})")
         if opcode == OP_BINARY:
             return _Closed(p.CLOSE_BAD_MESSAGE, "binary frames are not supported")

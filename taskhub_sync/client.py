@@ -21,7 +21,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from . import config, topics
@@ -39,6 +39,7 @@ from ._frames import (
     encode_frame,
     parse_close,
 )
+from ._signals import interrupt_on
 from ._transport import Link
 from .errors import (
     AuthenticationError,
@@ -97,6 +98,9 @@ class Client:
             doubles per failed attempt, with jitter, up to the max.
         reconnect_timeout: Give up reconnecting after this many seconds (None:
             never); run_forever() then raises ConnectionLost.
+        wait_for_hub: Seconds the constructor keeps trying (with the same backoff)
+            while the hub cannot be reached, e.g. for a worker started before its
+            hub; 0 fails at once. A refused key is never retried.
 
     Raises:
         AuthenticationError: Unknown name, wrong key, or too many instances.
@@ -119,6 +123,7 @@ class Client:
         reconnect: bool = True,
         reconnect_delay: tuple[float, float] = config.DEFAULT_RECONNECT_DELAY,
         reconnect_timeout: float | None = None,
+        wait_for_hub: float = 0.0,
     ) -> None:
         if not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError("max_workers must be an integer >= 1")
@@ -154,7 +159,7 @@ class Client:
         self._ids = itertools.count(1)
         self._pool = _HandlerPool(max_workers, self._run_handler)
 
-        link, welcome = self._connect(None, Deadline(open_timeout))
+        link, welcome = self._first_connect(wait_for_hub)
         self._link = link
         self._apply_welcome(welcome)
         self._connected.set()
@@ -258,10 +263,15 @@ class Client:
             self._handlers.pop(pattern, None)
         self._request(p.Unsubscribe(0, pattern))
 
-    def run_forever(self) -> None:
+    def run_forever(self, *, stop_signals: Iterable[int] = ()) -> None:
         """Block, serving subscriptions, until close() or Ctrl-C (which closes).
 
         Rides over dropped connections (see ``reconnect``).
+
+        Args:
+            stop_signals: Signals that close the client like Ctrl-C while this runs,
+                e.g. ``[signal.SIGTERM]`` for a worker run by systemd or cron (main
+                thread only; the previous handlers come back afterwards).
 
         Raises:
             ConnectionLost: If the connection is lost for good (reconnect off or
@@ -269,8 +279,9 @@ class Client:
             AuthenticationError: If the hub refused the credentials on reconnect.
         """
         try:
-            while not self._ended.wait(3600):
-                pass
+            with interrupt_on(stop_signals):
+                while not self._ended.wait(3600):
+                    pass
         except KeyboardInterrupt:
             logger.info("interrupted")
             self.close()
@@ -283,10 +294,12 @@ class Client:
     def close(self) -> None:
         """Close the connection. Idempotent.
 
-        Running handlers get up to ``close_timeout`` seconds to finish and send their
-        results; pending handles then fail with ConnectionLost. The client's threads
-        are stopped when it returns (a handler still running after the timeout is
-        left to finish on its daemon thread).
+        Running handlers are told (``task.cancelled`` becomes true, with reason
+        "client closing") and get up to ``close_timeout`` seconds to finish and send
+        their results; pending handles then fail with ConnectionLost, and the hub
+        stops the tasks this client published at once. The client's threads are
+        stopped when it returns (a handler still running after the timeout is left
+        to finish on its daemon thread).
 
         Raises:
             ConcurrencyError: If called from a callback on the reader thread.
@@ -298,6 +311,10 @@ class Client:
                 return
             self._closing = True
         deadline = Deadline(self.close_timeout)
+        with self._lock:
+            running = list(self._running.values())
+        for task in running:
+            task._cancelled_by_hub("client closing")
         self._pool.shutdown(deadline.remaining())
         self._stop.set()
         try:
@@ -343,6 +360,22 @@ class Client:
         link, welcome = open_link(self.url, hello, deadline, self._ssl_context)
         link.settimeout(self.ping_interval)
         return link, welcome
+
+    def _first_connect(self, wait_for_hub: float) -> tuple[Link, p.Welcome]:
+        """Connect, retrying with backoff for up to ``wait_for_hub`` seconds."""
+        patience = Deadline(wait_for_hub)
+        first, cap = self.reconnect_delay
+        for attempt in itertools.count():
+            try:
+                return self._connect(None, Deadline(self.open_timeout))
+            except (ConnectionLost, TimeoutError) as exc:
+                delay = min(cap, first * 2**attempt) * random.uniform(0.5, 1.0)
+                left = patience.remaining() or 0.0
+                if left <= delay:
+                    raise
+                logger.info("hub not reachable yet (%s); retrying in %.2f s", exc, delay)
+                time.sleep(delay)  # nothing to wake us early: this is the constructor
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _resumable_ids(self) -> tuple[str, ...]:
         """Ids of the pending tasks to name in a resuming hello, as many as fit in a
@@ -451,7 +484,9 @@ class Client:
             self._connected.set()  # wake waiters: they see _ended
             self._link.drop()
             why = self._lost
-            if not isinstance(why, ConnectionLost):
+            if self._closing:
+                why = ConnectionLost("the client was closed")
+            elif not isinstance(why, ConnectionLost):
                 why = ConnectionLost(f"connection to {self.url} lost: {why}")
             self._fail_all(why)
 
@@ -594,6 +629,15 @@ class Client:
                     reply = p.Fail(task.id, type(exc).__name__, str(exc)[:2000])
                 else:
                     reply = p.Result(task.id, result)
+                    if task.cancelled and task.cancel_reason == "not started in time":
+                        logger.warning(
+                            "task %s on %r: the result is dropped: the handler neither "
+                            "started nor returned within the hub's task_start_timeout "
+                            "(%.3g s); call task.start() first in handlers that take longer",
+                            task.id,
+                            task.topic,
+                            self.task_start_timeout,
+                        )
             self._send_for_task(task, reply)
         finally:
             with self._lock:

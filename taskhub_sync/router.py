@@ -280,8 +280,12 @@ class Router:
             return self._on_unsubscribe(conn, message)  # type: ignore[arg-type]
         raise ProtocolError(f"a client may not send {message.TYPE!r} now")
 
-    def disconnect(self, conn_id: str, now: float) -> list[Outgoing]:
-        """Forget a connection: its subscriptions, its tasks and the tasks it held."""
+    def disconnect(self, conn_id: str, now: float, resumable: bool = True) -> list[Outgoing]:
+        """Forget a connection: its subscriptions, its tasks and the tasks it held.
+
+        The tasks it published are kept ``resume_grace`` seconds for the client to
+        resume its session, unless ``resumable`` is false (it said goodbye).
+        """
         conn = self._conns.pop(conn_id, None)
         if conn is None:
             return []
@@ -292,7 +296,7 @@ class Router:
         for pattern in conn.patterns:
             self._index_remove(pattern, name, conn_id)
         # Tasks it published: keep them for a while in case it comes back.
-        if conn.published and self.resume_grace > 0:
+        if conn.published and resumable and self.resume_grace > 0:
             deadline = now + self.resume_grace
             self._detached[conn_id] = _Detached(conn, deadline)
             self._push_deadline(deadline, _GRACE, conn_id)

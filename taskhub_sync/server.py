@@ -28,6 +28,7 @@ from . import config
 from . import protocol as p
 from ._deadline import Deadline
 from ._server_conn import _Closed, _Connection, _FailureLimiter
+from ._signals import interrupt_on
 from .auth import StoredKey
 from .errors import ProtocolError
 from .router import Credential, Outgoing, Router
@@ -214,13 +215,20 @@ class Server:
         self._timer_thread.start()
         logger.info("taskhub listening on %s", self.url)
 
-    def serve_forever(self) -> None:
-        """Start if needed, then block until stop() is called or Ctrl-C (which stops)."""
+    def serve_forever(self, *, stop_signals: Iterable[int] = ()) -> None:
+        """Start if needed, then block until stop() is called or Ctrl-C (which stops).
+
+        Args:
+            stop_signals: Signals that stop the hub like Ctrl-C while this runs, e.g.
+                ``[signal.SIGTERM]`` (main thread only; the previous handlers come
+                back afterwards).
+        """
         if self._listener is None:
             self.start()
         try:
-            while not self._stopped.wait(3600):
-                pass
+            with interrupt_on(stop_signals):
+                while not self._stopped.wait(3600):
+                    pass
         except KeyboardInterrupt:
             logger.info("interrupted")
         finally:
@@ -455,7 +463,7 @@ class Server:
             if self._conns.get(conn.id) is not conn:
                 return  # already retired (a resumed session replaced it)
             del self._conns[conn.id]
-            out = self._router.disconnect(conn.id, time.monotonic())
+            out = self._router.disconnect(conn.id, time.monotonic(), not conn.said_goodbye)
             targets = self._enqueue(out)
         self._flush(targets)
         logger.info("%s (%s) disconnected", conn.id, conn.peer)

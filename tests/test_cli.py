@@ -235,23 +235,29 @@ def test_pub_wait_timeout(hub: Server, worker: Client, capsys: pytest.CaptureFix
 
 
 def test_pub_worker_lost(hub: Server, worker: Client, capsys: pytest.CaptureFixture[str]) -> None:
-    """The worker disconnects while holding the task: exit 6."""
+    """The worker's connection drops while it holds the task: exit 6."""
     started = threading.Event()
+    release = threading.Event()
 
     def hold(task: Task) -> None:
         task.start()
         started.set()
-        task.wait_cancelled(10)
+        release.wait(10)
+
+    def cut() -> None:
+        if started.wait(10):
+            worker._ws.sock.shutdown(socket.SHUT_RDWR)
 
     worker.sub("held", hold)
-    closer = threading.Thread(target=lambda: started.wait(10) and worker.close())
-    closer.start()
+    cutter = threading.Thread(target=cut)
+    cutter.start()
     try:
         assert pub(hub, "held", "{}", "--timeout", "10") == EXIT_LOST
     finally:
         started.set()
-        closer.join(10)
-    assert not closer.is_alive()
+        release.set()
+        cutter.join(10)
+    assert not cutter.is_alive()
     assert "WorkerLost" in capsys.readouterr().err
 
 
