@@ -129,8 +129,23 @@ class Client:
             raise ValueError("max_workers must be an integer >= 1")
         if not isinstance(name, str) or not isinstance(key, str):
             raise TypeError("name and key must be strings")
-        if not 0 < reconnect_delay[0] <= reconnect_delay[1]:
-            raise ValueError("reconnect_delay must be (first, max) with 0 < first <= max")
+        interval = config.MAX_INTERVAL
+        open_timeout = config.check_seconds("open_timeout", open_timeout, maximum=interval)
+        close_timeout = config.check_seconds("close_timeout", close_timeout, maximum=interval)
+        request_timeout = config.check_seconds("request_timeout", request_timeout, maximum=interval)
+        ping_interval = config.check_seconds("ping_interval", ping_interval, maximum=interval)
+        first, cap = (
+            config.check_seconds("reconnect_delay", d, maximum=interval) for d in reconnect_delay
+        )
+        if first > cap:
+            raise ValueError("reconnect_delay must be (first, max) with first <= max")
+        if reconnect_timeout is not None:
+            reconnect_timeout = config.check_seconds(
+                "reconnect_timeout", reconnect_timeout, maximum=config.MAX_TASK_TIMEOUT
+            )
+        wait_for_hub = config.check_seconds(
+            "wait_for_hub", wait_for_hub, maximum=config.MAX_TASK_TIMEOUT, zero_ok=True
+        )
         self.url = url
         self.name = name
         self._key = key
@@ -139,7 +154,7 @@ class Client:
         self.request_timeout = request_timeout
         self.ping_interval = ping_interval
         self.reconnect = reconnect
-        self.reconnect_delay = reconnect_delay
+        self.reconnect_delay = (first, cap)
         self.reconnect_timeout = reconnect_timeout
         self._ssl_context = ssl_context
         self._max_workers = max_workers
@@ -189,10 +204,8 @@ class Client:
         the handler raised, payload too large) come through the handle.
         """
         topics.validate_topic(topic)
-        if timeout is not None and (
-            isinstance(timeout, bool) or not timeout > 0 or timeout == float("inf")
-        ):
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        if timeout is not None:
+            timeout = config.check_seconds("timeout", timeout, maximum=config.MAX_TASK_TIMEOUT)
         self._wait_connected()
         task_id = f"{self.session}.{next(self._ids)}"
         text = p.encode(p.Publish(task_id, topic, payload, timeout))

@@ -43,3 +43,26 @@ DEFAULT_AUTH_FAILURE_LIMIT = 20
 DEFAULT_RECONNECT_DELAY = (0.1, 5.0)
 #: Bytes the hub may hold for a peer that reads slowly before dropping it.
 MAX_UNSENT_BYTES = 16 * 1024 * 1024
+
+#: Longest task timeout accepted (a year); longer ones are refused, not overflowed.
+MAX_TASK_TIMEOUT = 365 * 24 * 3600.0
+#: Longest interval or connection timeout accepted (a day).
+MAX_INTERVAL = 24 * 3600.0
+
+
+def check_seconds(name: str, value: object, *, maximum: float, zero_ok: bool = False) -> float:
+    """``value`` as a float if it is a finite number of seconds in (0, maximum]
+    (or [0, maximum] with ``zero_ok``).
+
+    Raises:
+        ValueError: Otherwise, naming the setting.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    seconds = float(value) if ok else float("nan")  # type: ignore[arg-type]
+    low_ok = seconds >= 0 if zero_ok else seconds > 0
+    if not (low_ok and seconds <= maximum):  # also false for NaN
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(
+            f"{name} must be a number of seconds {bound} and <= {maximum:g}, not {value!r}"
+        )
+    return seconds

@@ -95,8 +95,9 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
         """Block until the task is done and return its result.
 
         Args:
-            timeout: Seconds to wait; None waits until the task ends (it always does:
-                the hub enforces the task's timeouts); <= 0 checks without waiting.
+            timeout: Seconds to wait; None (or infinity) waits until the task ends (it
+                always does: the hub enforces the task's timeouts); <= 0 checks
+                without waiting.
             default: If given, returned instead of raising on any error or timeout.
 
         Raises:
@@ -104,20 +105,12 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
             TaskError: Or another TaskHubError, if the task failed.
             ConcurrencyError: If called on the client's reader thread (from a
                 callback) while the task is still running: that would deadlock.
+            ValueError: If ``timeout`` is NaN.
         """
-        if (
-            self._reader is not None
-            and threading.current_thread() is self._reader
-            and not self.done()
-        ):
-            if default is not _MISSING:
-                return default
-            raise ConcurrencyError(
-                "get_result() on a pending task from a callback would deadlock: "
-                "callbacks run on the client's reader thread"
-            )
+        if timeout is not None and timeout != timeout:
+            raise ValueError("timeout must be a number of seconds, not NaN")
         try:
-            return self.result(timeout=None if timeout is None else max(timeout, 0.0))
+            return self.result(timeout)
         except concurrent.futures.TimeoutError:
             if default is not _MISSING:
                 return default
@@ -128,6 +121,33 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
             if default is not _MISSING:
                 return default
             raise
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Future.result(), safe from deadlock and overflow (see get_result())."""
+        return super().result(self._wait_time(timeout))
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Future.exception(), safe from deadlock and overflow (see get_result())."""
+        return super().exception(self._wait_time(timeout))
+
+    def _wait_time(self, timeout: float | None) -> float | None:
+        """Check the calling thread and turn ``timeout`` into something wait() takes."""
+        if (
+            self._reader is not None
+            and threading.current_thread() is self._reader
+            and not self.done()
+        ):
+            raise ConcurrencyError(
+                f"waiting for task {self.task_id} from a callback would deadlock: "
+                "callbacks run on the client's reader thread"
+            )
+        if timeout is None:
+            return None
+        if timeout != timeout:
+            raise ValueError("timeout must be a number of seconds, not NaN")
+        if timeout >= threading.TIMEOUT_MAX:
+            return None  # longer than any wait can be: wait for the end
+        return max(timeout, 0.0)
 
     @property
     def results(self) -> dict[str, Outcome]:

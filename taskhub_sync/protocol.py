@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Union
 
+from .config import MAX_TASK_TIMEOUT
 from .errors import ProtocolError
 
 #: Protocol version sent in hello/welcome. Bumped on incompatible changes only.
@@ -170,8 +171,10 @@ def _timeout(value: Any, name: str) -> float | None:
         seconds = float(value)
     except OverflowError:
         seconds = float("inf")
-    if not 0 < seconds < float("inf"):
-        raise ProtocolError(f"field {name!r} must be a positive number of seconds")
+    if not 0 < seconds <= MAX_TASK_TIMEOUT:
+        raise ProtocolError(
+            f"field {name!r} must be a number of seconds > 0 and <= {MAX_TASK_TIMEOUT:g}"
+        )
     return seconds
 
 

@@ -62,6 +62,7 @@ TRANSITIONS: dict[tuple[RState, type], RState] = {
     (RState.DELIVERED, p.Update): RState.STARTED,
     (RState.DELIVERED, p.Result): RState.FINISHED,
     (RState.DELIVERED, p.Fail): RState.FINISHED,
+    (RState.STARTED, p.Start): RState.STARTED,  # a repeated claim changes nothing
     (RState.STARTED, p.Update): RState.STARTED,
     (RState.STARTED, p.Result): RState.FINISHED,
     (RState.STARTED, p.Fail): RState.FINISHED,
@@ -127,6 +128,9 @@ class _Detached:
 
 _START, _FINISH, _GRACE = 0, 1, 2
 
+#: Codes a worker may put in a fail message (anything else is the handler's failure).
+WORKER_CODES = frozenset({"payload_too_large"})
+
 #: Results kept per publisher, for a resumed session to ask again for those written
 #: into its dying connection before the hub noticed (a successful write proves
 #: nothing: PITFALLS LP-20).
@@ -144,6 +148,9 @@ class Router:
         max_pending: Tasks one connection may have pending at once.
         max_subscriptions: Patterns one connection may subscribe to.
         max_buffered: Updates kept for a disconnected publisher (results always are).
+        own_task_ids: Require a publisher's task ids to start with its connection
+            id and a dot, so no client can take (squat) another's next ids. The hub
+            turns it on; it is off by default for tests that name tasks freely.
     """
 
     def __init__(
@@ -155,6 +162,7 @@ class Router:
         max_pending: int = 10_000,
         max_subscriptions: int = 1_000,
         max_buffered: int = 10_000,
+        own_task_ids: bool = False,
     ) -> None:
         self.task_start_timeout = task_start_timeout
         self.task_finish_timeout = task_finish_timeout
@@ -162,6 +170,7 @@ class Router:
         self.max_pending = max_pending
         self.max_subscriptions = max_subscriptions
         self.max_buffered = max_buffered
+        self.own_task_ids = own_task_ids
         self._conns: dict[str, _Conn] = {}
         self._detached: dict[str, _Detached] = {}
         self._services: dict[str, _Service] = {}
@@ -296,7 +305,7 @@ class Router:
         for pattern in conn.patterns:
             self._index_remove(pattern, name, conn_id)
         # Tasks it published: keep them for a while in case it comes back.
-        if conn.published and resumable and self.resume_grace > 0:
+        if (conn.published or conn.recent) and resumable and self.resume_grace > 0:
             deadline = now + self.resume_grace
             self._detached[conn_id] = _Detached(conn, deadline)
             self._push_deadline(deadline, _GRACE, conn_id)
@@ -403,6 +412,8 @@ class Router:
 
     def _on_publish(self, conn: _Conn, msg: p.Publish, now: float) -> list[Outgoing]:
         task_id, topic = msg.task, msg.topic
+        if self.own_task_ids and not task_id.startswith(conn.id + "."):
+            raise ProtocolError(f"task ids must start with this session's id {conn.id!r}")
         if task_id in self._tasks:
             raise ProtocolError(f"task id {task_id!r} is already in use")
         cred = conn.credential
@@ -470,8 +481,10 @@ class Router:
                     service=r.service,
                     remote_type=msg.error_type,
                 )
-            else:  # the worker's library failed it, e.g. payload_too_large
+            elif msg.code in WORKER_CODES:  # the worker's library failed it
                 error = p.ErrorInfo(msg.code, msg.message, service=r.service)
+            else:
+                raise ProtocolError(f"a worker may not fail a task with code {msg.code!r}")
             self._settle(r, p.Outcome(p.FAILED, error=error), out)
         if new is RState.FINISHED:
             del conn.held[msg.task]
@@ -614,10 +627,24 @@ class Router:
             if r.state is RState.QUEUED:
                 r.state = RState.FINISHED
                 self._settle(r, p.Outcome(p.BUSY), out)
+                self._prune_waiting(r.service)
             elif r.state is RState.DELIVERED:
                 r.state = RState.ENDED
                 out.append(Outgoing(r.conn_id, p.Cancel(task.id, "not started in time")))  # type: ignore[arg-type]
                 self._settle(r, p.Outcome(p.SEEN), out)
+
+    def _prune_waiting(self, service: str) -> None:
+        """Drop settled entries from the head of a service's waiting queue.
+
+        Windows close in publish order, so what they settle gathers at the head;
+        without this, settled tasks (payload and all) would stay until an instance
+        of the service freed a slot.
+        """
+        svc = self._services.get(service)
+        if svc is not None:
+            waiting = svc.waiting
+            while waiting and waiting[0].state is not RState.QUEUED:
+                waiting.popleft()
 
     def _time_out(self, task: _Task, out: list[Outgoing]) -> None:
         """The finish deadline passed: whoever is still at work timed out."""
@@ -627,6 +654,7 @@ class Router:
             if r.state is RState.QUEUED:
                 r.state = RState.FINISHED
                 self._settle(r, p.Outcome(p.BUSY), out)
+                self._prune_waiting(r.service)
                 continue
             r.state = RState.ENDED
             out.append(Outgoing(r.conn_id, p.Cancel(task.id, "timed out")))  # type: ignore[arg-type]

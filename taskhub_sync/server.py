@@ -84,14 +84,21 @@ class Server:
         max_handshakes: int = config.DEFAULT_MAX_HANDSHAKES,
         auth_failure_limit: int = config.DEFAULT_AUTH_FAILURE_LIMIT,
     ) -> None:
-        for name, value in (
-            ("task_start_timeout", task_start_timeout),
-            ("task_finish_timeout", task_finish_timeout),
-            ("auth_timeout", auth_timeout),
-            ("ping_interval", ping_interval),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        task_start_timeout = config.check_seconds(
+            "task_start_timeout", task_start_timeout, maximum=config.MAX_INTERVAL
+        )
+        task_finish_timeout = config.check_seconds(
+            "task_finish_timeout", task_finish_timeout, maximum=config.MAX_TASK_TIMEOUT
+        )
+        auth_timeout = config.check_seconds(
+            "auth_timeout", auth_timeout, maximum=config.MAX_INTERVAL
+        )
+        ping_interval = config.check_seconds(
+            "ping_interval", ping_interval, maximum=config.MAX_INTERVAL
+        )
+        resume_grace = config.check_seconds(
+            "resume_grace", resume_grace, maximum=config.MAX_INTERVAL, zero_ok=True
+        )
         if max_message_size < 1024:
             raise ValueError("max_message_size must be at least 1024 bytes")
         self.host = host
@@ -103,8 +110,6 @@ class Server:
         self.ping_interval = float(ping_interval)
         self.ssl_context = ssl_context
         self.max_queued_messages = int(max_queued_messages)
-        if resume_grace < 0:
-            raise ValueError("resume_grace must be >= 0 seconds")
         self.resume_grace = float(resume_grace)
         self.max_handshakes = int(max_handshakes)
         self._auth_limiter = _FailureLimiter(auth_failure_limit, window=60.0)
@@ -119,6 +124,7 @@ class Server:
             max_pending=max_pending,
             max_subscriptions=max_subscriptions,
             max_buffered=self.max_queued_messages,
+            own_task_ids=True,
         )
         self._conns: dict[str, _Connection] = {}  # authenticated, by conn id
         self._timer_target: float | None = None
@@ -346,19 +352,31 @@ class Server:
 
     def _timer_loop(self) -> None:
         while True:
-            with self._lock:
-                while not self.stopping:
-                    due = self._router.next_deadline()
-                    now = time.monotonic()
-                    if due is not None and due <= now:
-                        break
-                    self._timer_target = due
-                    self._timer_wakeup.wait(None if due is None else due - now)
-                if self.stopping:
-                    return
-                out = self._router.expire(time.monotonic())
-                targets = self._enqueue(out)
-            self._flush(targets)
+            try:
+                with self._lock:
+                    while not self.stopping:
+                        due = self._router.next_deadline()
+                        now = time.monotonic()
+                        if due is not None and due <= now:
+                            break
+                        self._timer_target = due
+                        # At most an hour at a time: a far deadline must not overflow.
+                        self._timer_wakeup.wait(3600.0 if due is None else min(due - now, 3600.0))
+                    if self.stopping:
+                        return
+                    out = self._router.expire(time.monotonic())
+                    targets = self._enqueue(out)
+                self._flush(targets)
+            except Exception:  # a bug of ours: log it, keep timing everyone else out
+                logger.exception("taskhub timer: applying deadlines failed")
+
+    def _wake_timer(self) -> None:
+        """Wake the timer if the router's next deadline is earlier than it waits for.
+        Requires self._lock."""
+        due = self._router.next_deadline()
+        if due is not None and (self._timer_target is None or due < self._timer_target):
+            self._timer_target = due
+            self._timer_wakeup.notify()
 
     def _enqueue(self, out: Iterable[Outgoing]) -> list[_Connection]:
         """Queue router output on each target's outbox. Requires self._lock.
@@ -410,10 +428,7 @@ class Server:
                     error = exc
                     break
             targets = self._enqueue(out)
-            due = self._router.next_deadline()
-            if due is not None and (self._timer_target is None or due < self._timer_target):
-                self._timer_target = due
-                self._timer_wakeup.notify()
+            self._wake_timer()
         self._flush(targets)
         return error
 
@@ -453,6 +468,7 @@ class Server:
             # updates, one done per pending task): it all goes, past the outbox limit.
             conn.outbox.extend(o.message for o in missed)
             targets = self._enqueue(out)
+            self._wake_timer()
         if old is not None:
             old._abort("replaced by a new connection of the same session")
         self._flush(t for t in targets if t is not conn)
@@ -465,6 +481,7 @@ class Server:
             del self._conns[conn.id]
             out = self._router.disconnect(conn.id, time.monotonic(), not conn.said_goodbye)
             targets = self._enqueue(out)
+            self._wake_timer()  # a resume grace may now be the next deadline
         self._flush(targets)
         logger.info("%s (%s) disconnected", conn.id, conn.peer)
 

@@ -164,6 +164,7 @@ class RawConnections:
             ws.send(hello_text(hello))
             welcome = json.loads(ws.recv())
             assert welcome["type"] == "welcome"
+            ws.session = welcome["session"]  # task ids must start with "<session>."
         return ws
 
     def close_all(self) -> None:

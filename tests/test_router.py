@@ -792,9 +792,16 @@ def _two_services(router: Router) -> None:
     router.receive("pub", Publish("t2", "b"), 0.0)
 
 
+def test_repeated_start_is_a_no_op(one: Router) -> None:
+    """A second start (two threads of one handler racing) changes nothing."""
+    one.receive("pub", Publish("t1", "a"), 0.0)
+    assert one.receive("s1#1", Start("t1"), 0.1) == []
+    assert one.receive("s1#1", Update("t1", 1), 0.2) != []
+    assert one.receive("s1#1", Start("t1"), 0.3) == []
+    assert one.task_state("t1") == {"s1": RState.STARTED}
+
+
 ILLEGAL = [
-    ("s1#1", [Start("t1")], Start("t1"), "second start"),
-    ("s1#1", [Start("t1"), Update("t1", 1)], Start("t1"), "start after update"),
     ("s1#1", [Result("t1", 1)], Result("t1", 2), "second result"),
     ("s1#1", [Result("t1", 1)], Start("t1"), "start after result"),
     ("s1#1", [Fail("t1", "E", "m")], Update("t1", 1), "update after fail"),
@@ -835,7 +842,7 @@ def test_conversation_goes_on_after_an_illegal_move(router: Router) -> None:
     _two_services(router)
     router.receive("s1#1", Start("t1"), 0.1)
     with pytest.raises(ProtocolError):
-        router.receive("s1#1", Start("t1"), 0.2)
+        router.receive("s1#1", Result("t2", 1), 0.2)  # a task it does not hold
     assert router.receive("s1#1", Result("t1", 1), 0.3) == [
         Outgoing("pub", Done("t1", {"s1": Outcome(p.OK, 1)}, winner="s1"))
     ]

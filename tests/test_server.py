@@ -76,7 +76,7 @@ BAD_MESSAGES = {
     "missing type": ('{"task": "t1"}', "unknown message type"),
     "wrong field type": ('{"type": "sub", "id": "one", "pattern": "x"}', "wrong type"),
     "wrong payload field": ('{"type": "pub", "task": "t", "topic": 5}', "wrong type"),
-    "bad timeout": ('{"type": "pub", "task": "t", "topic": "a", "timeout": -1}', "positive"),
+    "bad timeout": ('{"type": "pub", "task": "t", "topic": "a", "timeout": -1}', "seconds > 0"),
     "missing field": ('{"type": "unsub", "id": 1}', "lacks field"),
     "second hello": (hello_text("publisher"), "may not send 'hello'"),
     "hub-only message": ('{"type": "welcome", "v": 1, "session": "s", '
@@ -167,13 +167,12 @@ def test_fragmented_message_within_limit_works(hub, raw, make_client):
     """A message sent in several fragments is reassembled and routed."""
     make_client("geocoder").sub("googlemaps:geocode", lambda task: task.payload)
     ws = raw.ws(hub)
-    text = json.dumps(
-        {"type": "pub", "task": "frag-1", "topic": "googlemaps:geocode", "payload": 7}
-    )
+    task_id = f"{ws.session}.frag-1"
+    text = json.dumps({"type": "pub", "task": task_id, "topic": "googlemaps:geocode", "payload": 7})
     ws.send_frame(websocket.ABNF.create_frame(text[:10], websocket.ABNF.OPCODE_TEXT, fin=0))
     ws.send_frame(websocket.ABNF.create_frame(text[10:], websocket.ABNF.OPCODE_CONT, fin=1))
     done = json.loads(ws.recv())
-    assert done["type"] == "done" and done["task"] == "frag-1"
+    assert done["type"] == "done" and done["task"] == task_id
     assert done["outcomes"]["geocoder"] == {"status": "ok", "result": 7}
 
 
@@ -184,13 +183,26 @@ def test_duplicate_task_id_is_a_protocol_error(hub, raw, make_client):
         "googlemaps:geocode", lambda task: task.start() or release.wait(WAIT)
     )
     ws = raw.ws(hub)
-    pub = json.dumps({"type": "pub", "task": "dup", "topic": "googlemaps:geocode", "payload": 1})
+    pub = json.dumps(
+        {"type": "pub", "task": f"{ws.session}.dup", "topic": "googlemaps:geocode", "payload": 1}
+    )
     ws.send(pub)
     ws.send(pub)
     code, reason = recv_close(ws)
     release.set()
     assert code == 4000
     assert "already in use" in reason
+
+
+def test_task_ids_outside_the_session_are_refused(hub, raw, make_client):
+    """A client can't publish under another session's ids (squatting its next ones)."""
+    victim = make_client("publisher")
+    ws = raw.ws(hub)
+    squat = f"{victim.session}.1000"
+    ws.send(json.dumps({"type": "pub", "task": squat, "topic": "googlemaps:geocode"}))
+    code, reason = recv_close(ws)
+    assert code == 4000
+    assert "must start with this session's id" in reason
 
 
 def test_http_request_gets_400(hub, raw, round_trips):
