@@ -17,6 +17,8 @@ from .errors import (
     TaskFailed,
     TaskHubError,
     TaskTimeout,
+    TooManyInstances,
+    TryAgainLater,
     WorkerLost,
 )
 from .handle import TaskHandle
@@ -35,6 +37,8 @@ __all__ = [
     "ProtocolError",
     "InvalidTopic",
     "AuthenticationError",
+    "TryAgainLater",
+    "TooManyInstances",
     "PermissionDenied",
     "ConnectionLost",
     "TaskError",

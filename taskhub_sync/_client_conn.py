@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import websocket
@@ -17,13 +18,26 @@ from . import protocol as p
 from ._deadline import Deadline
 from ._frames import OP_CLOSE, OP_TEXT, FrameError, parse_close
 from ._transport import Link, StreamSocket
-from .errors import AuthenticationError, ConnectionLost, ProtocolError
+from .errors import (
+    AuthenticationError,
+    ConnectionLost,
+    ProtocolError,
+    TooManyInstances,
+    TryAgainLater,
+)
 
 
 def open_link(
-    url: str, hello: p.Hello, deadline: Deadline, ssl_context: ssl.SSLContext | None
+    url: str,
+    hello: p.Hello,
+    deadline: Deadline,
+    ssl_context: ssl.SSLContext | None,
+    on_socket: Callable[[socket.socket], None] | None = None,
 ) -> tuple[Link, p.Welcome]:
     """Connect to ``url``, upgrade, send ``hello`` and return the link and the welcome.
+
+    ``on_socket`` gets the TCP socket as soon as it is connected (shutting it down
+    from another thread aborts the attempt).
 
     Raises:
         ValueError: For a URL that is not ``ws://`` or ``wss://``.
@@ -38,6 +52,8 @@ def open_link(
     try:
         port = parts.port or (443 if secure else 80)
         sock = socket.create_connection((parts.hostname, port), deadline.remaining())
+        if on_socket is not None:
+            on_socket(sock)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if secure:
@@ -79,7 +95,11 @@ def _await_welcome(link: Link, deadline: Deadline) -> p.Welcome:
                     code, reason = parse_close(payload)
                 except FrameError as exc:
                     raise ProtocolError(f"bad close frame from the hub: {exc}") from None
-                if code in p.FATAL_CLOSE_CODES:
+                if code == p.CLOSE_TOO_MANY_INSTANCES:
+                    raise TooManyInstances(reason or "too many instances")
+                if code == p.CLOSE_TRY_AGAIN_LATER:
+                    raise TryAgainLater(reason or "refused for now; try again later")
+                if code == p.CLOSE_AUTH_FAILED:
                     raise AuthenticationError(reason or "authentication failed")
                 raise ConnectionLost(f"hub closed the connection: {code} {reason}")
             if opcode == OP_TEXT:

@@ -24,6 +24,10 @@ OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 _DATA_OPS = (OP_TEXT, OP_BINARY)
 _CONTROL_OPS = (OP_CLOSE, OP_PING, OP_PONG)
 
+#: Fragments one message may come in (empty ones too: they would cost memory and
+#: count nothing against max_message_size).
+MAX_FRAGMENTS = 1024
+
 _PACK_16 = struct.Struct("!BBH").pack
 _PACK_64 = struct.Struct("!BBQ").pack
 
@@ -171,6 +175,8 @@ class FrameReader:
                 self._size = 0
                 self._opcode = None
             else:
+                if len(self._parts) >= MAX_FRAGMENTS:
+                    raise FrameError(1009, f"a message in more than {MAX_FRAGMENTS} fragments")
                 self._parts.append(payload)
                 self._size += n
         if pos:

@@ -58,6 +58,20 @@ class _Closed(Exception):
         self.reason = reason
 
 
+def _encode_safely(message: p.Message) -> str:
+    """Encode a message for a peer. decode() refuses what encode() can't handle, so
+    this should never fail; if it does, a result becomes an error for its publisher
+    (anything else is dropped and logged) rather than a dead connection thread."""
+    try:
+        return p.encode(message)
+    except (TypeError, ValueError) as exc:
+        logger.error("cannot encode a %s message: %s", message.TYPE, exc)
+        if isinstance(message, p.Done):
+            error = p.ErrorInfo("failed", f"the hub could not forward the result: {exc}")
+            return p.encode(p.Done(message.task, {}, error=error))
+        return ""
+
+
 class _Connection:
     """One client socket. The reader thread owns reads; any thread may flush().
 
@@ -121,11 +135,17 @@ class _Connection:
                 chunks.append(item)
                 self.close_sent = item[0] == 0x80 | OP_CLOSE
             else:
-                text = p.encode(item)  # type: ignore[arg-type]
-                chunks.append(encode_frame(OP_TEXT, text.encode("ascii")))
+                text = _encode_safely(item)  # type: ignore[arg-type]
+                if text:
+                    chunks.append(encode_frame(OP_TEXT, text.encode("ascii")))
         if not chunks or self.dead:
             return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # Slow consumer: data still unsent when more comes. (One burst, e.g. what a
+        # resumed session missed, may be large: it is bounded by the router.)
+        if len(self.unsent) > config.MAX_UNSENT_BYTES:
+            self._abort("slow consumer: too much data waiting for it to read")
+            return
         if self.drainer is not None:  # already behind: keep the order, let it write
             self.unsent += data
         else:
@@ -140,8 +160,6 @@ class _Connection:
                     target=self._drain, name=f"taskhub-drain-{self.peer}", daemon=True
                 )
                 self.drainer.start()
-        if len(self.unsent) > config.MAX_UNSENT_BYTES:
-            self._abort("slow consumer: too much data waiting for it to read")
 
     def _drain(self) -> None:
         """Write ``unsent`` as the peer reads it; drop the peer if it stops reading."""
@@ -149,6 +167,8 @@ class _Connection:
             if not self.stream.wait_writable(self.server.ping_interval):
                 self._abort("slow consumer: it read nothing for ping_interval")
             with self.send_lock:
+                if self.outbox:  # queued by a flush() that found the lock taken by us
+                    self._write_queued()
                 if self.dead or not self.unsent:
                     self.unsent.clear()
                     self.drainer = None
@@ -159,7 +179,7 @@ class _Connection:
                     self._abort(f"write failed: {exc!r}")
                     continue
                 del self.unsent[:sent]
-                if not self.unsent:
+                if not self.unsent and not self.outbox:
                     self.drainer = None
                     return
 
@@ -356,7 +376,7 @@ class _Connection:
             raise _Closed(p.CLOSE_BAD_MESSAGE, f"unsupported protocol version {hello.v}")
         host = self.peer.rsplit(":", 1)[0]
         if server._auth_limiter.blocked(host, time.monotonic()):
-            raise _Closed(p.CLOSE_AUTH_FAILED, "too many failed authentications; retry later")
+            raise _Closed(p.CLOSE_TRY_AGAIN_LATER, "too many failed authentications from this host")
         entry = server._credentials.get(hello.name)
         stored = entry[0] if entry else DUMMY_KEY
         if not stored.verify(hello.key) or entry is None:

@@ -190,8 +190,15 @@ class Link:
         self.write(encode_frame(OP_TEXT, text.encode("ascii"), mask=True))
 
     def write(self, frame: bytes) -> None:
+        """Write one whole frame. A failed or timed-out write may have sent part of
+        it, which would make the peer read every later frame as its payload: the
+        link is dropped (the reader then reconnects) and the error re-raised."""
         with self._send_lock:
-            self.stream.sendall(frame)
+            try:
+                self.stream.sendall(frame)
+            except BaseException:
+                self.drop()
+                raise
 
     def read(self) -> list[tuple[int, bytes]]:
         """The next frames. Raises ConnectionLost at EOF, ProtocolError on bad framing,

@@ -51,6 +51,7 @@ from .errors import (
     PermissionDenied,
     ProtocolError,
     TaskHubError,
+    TryAgainLater,
     from_code,
 )
 from .handle import TaskHandle
@@ -167,6 +168,7 @@ class Client:
         self._running: dict[str, Task] = {}
         self._generation = 0  # bumped per connection: results of older ones are dropped
         self._closing = False
+        self._opening: socket.socket | None = None  # the socket of a connect in progress
         self._lost: BaseException | None = None
         self._stop = threading.Event()  # set by close(): ends reconnect waits
         self._connected = threading.Event()
@@ -209,6 +211,8 @@ class Client:
         self._wait_connected()
         task_id = f"{self.session}.{next(self._ids)}"
         text = p.encode(p.Publish(task_id, topic, payload, timeout))
+        if p.too_deep(text, payload):
+            raise ValueError(f"payload is nested more than {p.MAX_DEPTH} levels deep")
         handle = TaskHandle(task_id, topic, self._reader)
         if len(text) > self.max_message_size:  # ASCII: characters are bytes
             error = PayloadTooLarge(
@@ -330,6 +334,12 @@ class Client:
             task._cancelled_by_hub("client closing")
         self._pool.shutdown(deadline.remaining())
         self._stop.set()
+        opening = self._opening
+        if opening is not None:  # a reconnect attempt in progress: abort it
+            try:
+                opening.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         try:
             self._link.write(encode_close(p.CLOSE_NORMAL, "client closing", mask=True))
         except OSError:
@@ -370,7 +380,12 @@ class Client:
         """Open, upgrade and authenticate one connection, within ``deadline``."""
         pending = self._resumable_ids() if session else ()
         hello = p.Hello(self.name, self._key, self._max_workers, session, pending)
-        link, welcome = open_link(self.url, hello, deadline, self._ssl_context)
+        try:
+            link, welcome = open_link(
+                self.url, hello, deadline, self._ssl_context, on_socket=self._opening_socket
+            )
+        finally:
+            self._opening = None
         link.settimeout(self.ping_interval)
         return link, welcome
 
@@ -381,7 +396,7 @@ class Client:
         for attempt in itertools.count():
             try:
                 return self._connect(None, Deadline(self.open_timeout))
-            except (ConnectionLost, TimeoutError) as exc:
+            except (ConnectionLost, TimeoutError, TryAgainLater) as exc:
                 delay = min(cap, first * 2**attempt) * random.uniform(0.5, 1.0)
                 left = patience.remaining() or 0.0
                 if left <= delay:
@@ -389,6 +404,12 @@ class Client:
                 logger.info("hub not reachable yet (%s); retrying in %.2f s", exc, delay)
                 time.sleep(delay)  # nothing to wake us early: this is the constructor
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _opening_socket(self, sock: socket.socket) -> None:
+        """Remember the socket of a connection being opened, for close() to abort."""
+        self._opening = sock
+        if self._closing:
+            sock.shutdown(socket.SHUT_RDWR)
 
     def _resumable_ids(self) -> tuple[str, ...]:
         """Ids of the pending tasks to name in a resuming hello, as many as fit in a
@@ -418,6 +439,9 @@ class Client:
     def _wait_connected(self) -> None:
         if self._closing:
             raise ConnectionLost("the client is closed")
+        if threading.current_thread() is self._reader and not self._connected.is_set():
+            # A callback: waiting here would stop the very thread that reconnects.
+            raise ConnectionLost(f"not connected to {self.url} (reconnecting)")
         if not self._connected.wait(self.open_timeout) or self._ended.is_set():
             raise ConnectionLost(f"not connected to {self.url}: {self._lost}")
 
@@ -437,6 +461,13 @@ class Client:
                 return False
             try:
                 link, welcome = self._connect(self.session, Deadline(self.open_timeout))
+            except TryAgainLater as exc:
+                # E.g. the hub still counts our dropped connection: retry.
+                logger.info("reconnect attempt %d: %s", attempt + 1, exc)
+                if give_up.expired():
+                    self._lost = exc
+                    return False
+                continue
             except AuthenticationError as exc:
                 self._lost = exc
                 logger.error("the hub refused %r on reconnect: %s", self.name, exc)
@@ -550,6 +581,8 @@ class Client:
             logger.warning("connection to %s lost: %s", self.url, error)
         for task in running:  # the hub has given these to someone else or failed them
             task._cancelled_by_hub("connection lost")
+        # Their handlers may run on: the next connection's tasks get threads of their own.
+        self._pool.grow(len(running))
         for done, _ in requests:
             done.set()
         if not self.reconnect or self.resume_grace <= 0:
@@ -626,16 +659,16 @@ class Client:
         return None
 
     def _run_handler(self, task: Task) -> None:
+        """Run the handler for one task and send its answer (exactly one, always)."""
         try:
             handler = self._handler_for(task.topic)
+            reply: p.Result | p.Fail
             if handler is None:
-                reply: p.Message = p.Fail(
-                    task.id, "NoHandler", f"no handler for {task.topic!r} any more"
-                )
+                reply = p.Fail(task.id, "NoHandler", f"no handler for {task.topic!r} any more")
             else:
                 try:
                     result = handler(task)
-                except Exception as exc:
+                except BaseException as exc:  # even SystemExit: the task must be answered
                     logger.warning(
                         "handler for %r raised on task %s", task.topic, task.id, exc_info=True
                     )
@@ -651,10 +684,14 @@ class Client:
                             task.topic,
                             self.task_start_timeout,
                         )
-            self._send_for_task(task, reply)
+            task._finished = True
+            self._send_reply(task, reply)
         finally:
             with self._lock:
                 self._running.pop(task.id, None)
+                stale = task._generation != self._generation
+            if stale:
+                self._pool.shrink()  # a handler from an earlier connection is done
 
     # ----------------------------------------------------------------- sending
 
@@ -708,15 +745,14 @@ class Client:
         except ConnectionLost:
             logger.debug("dropped %s: connection lost", msg.TYPE)
 
-    def _send_for_task(self, task: Task, msg: p.Message) -> None:
-        """Send a worker message, unless the task came on an earlier connection (the
-        hub has already failed or redelivered it) or the result can't be sent."""
+    def _send_reply(self, task: Task, msg: p.Result | p.Fail) -> None:
+        """Send a handler's final answer; one that can't be sent fails the task."""
         try:
             text = p.encode(msg)
+            if isinstance(msg, p.Result) and p.too_deep(text, msg.result):
+                raise ValueError(f"it is nested more than {p.MAX_DEPTH} levels deep")
         except (TypeError, ValueError) as exc:
-            text = p.encode(
-                p.Fail(task.id, type(exc).__name__, f"result is not JSON-serializable: {exc}")
-            )
+            text = p.encode(p.Fail(task.id, type(exc).__name__, f"the result can't be sent: {exc}"))
         if len(text) > self.max_message_size:  # ASCII: characters are bytes
             text = p.encode(
                 p.Fail(
@@ -726,6 +762,11 @@ class Client:
                     code="payload_too_large",
                 )
             )
+        self._send_task_text(task, text)
+
+    def _send_task_text(self, task: Task, text: str) -> None:
+        """Send a worker message, unless the task came on an earlier connection (the
+        hub has already failed or redelivered it)."""
         with self._lock:
             if task._generation != self._generation:
                 return
@@ -733,7 +774,7 @@ class Client:
         try:
             link.send_text(text)
         except OSError:
-            logger.debug("%s for %s dropped: connection lost", msg.TYPE, task.id)
+            logger.debug("message for %s dropped: connection lost", task.id)
 
     def _fail_handles(self, error: BaseException) -> None:
         with self._lock:

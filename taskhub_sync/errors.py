@@ -5,7 +5,9 @@ Every error the library raises on purpose derives from :class:`TaskHubError`::
     TaskHubError
     ├── ProtocolError            malformed or unexpected message
     ├── InvalidTopic             topic or pattern breaks the naming rules (also ValueError)
-    ├── AuthenticationError      wrong name or key, or refused at the door (max_instances)
+    ├── AuthenticationError      wrong name or key, or refused at the door
+    │   └── TryAgainLater        refused for now; reconnects retry it
+    │       └── TooManyInstances max_instances of this service are connected
     ├── PermissionDenied         topic outside the credential's permissions
     ├── ConnectionLost           peer or network gone (also ConnectionError)
     ├── TaskError                the task itself did not succeed; .task_id, .topic
@@ -31,6 +33,8 @@ __all__ = [
     "ProtocolError",
     "InvalidTopic",
     "AuthenticationError",
+    "TryAgainLater",
+    "TooManyInstances",
     "PermissionDenied",
     "ConnectionLost",
     "TaskError",
@@ -60,6 +64,19 @@ class InvalidTopic(TaskHubError, ValueError):
 
 class AuthenticationError(TaskHubError):
     """The hub refused the connection: unknown name, wrong key, or too many instances."""
+
+
+class TryAgainLater(AuthenticationError):
+    """The hub refused the connection for now (e.g. too many failed logins from
+    this host). Reconnects and ``wait_for_hub`` retry it with backoff."""
+
+
+class TooManyInstances(TryAgainLater):
+    """``max_instances`` connections of this service are open already.
+
+    Retried like TryAgainLater: after a crash, the hub may not have noticed yet
+    that the old instance is gone.
+    """
 
 
 class PermissionDenied(TaskHubError):

@@ -47,6 +47,7 @@ CLOSE_AUTH_TIMEOUT = 4003  # no hello within auth_timeout
 CLOSE_SLOW_CONSUMER = 4008  # the peer did not read what the hub sent it in time
 
 #: Close codes after which a client must not retry with the same credentials.
+CLOSE_TRY_AGAIN_LATER = 1013  # e.g. too many failed authentications from this host
 FATAL_CLOSE_CODES = frozenset({CLOSE_AUTH_FAILED, CLOSE_TOO_MANY_INSTANCES})
 
 
@@ -442,6 +443,35 @@ _TYPES: Mapping[str, type[Any]] = {
 }
 
 
+#: Deepest nesting of arrays and objects accepted in a message (encoding the
+#: messages it is forwarded in must never run out of recursion).
+MAX_DEPTH = 200
+
+
+def too_deep(text: str, value: Any) -> bool:
+    """True if ``value`` (whose JSON is ``text``) nests deeper than MAX_DEPTH.
+
+    Cheap for every real message: with few brackets in the text there is nothing
+    to measure.
+    """
+    return text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, without recursion."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            deepest = max(deepest, level)
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
 def _reject_constant(name: str) -> Any:
     raise ProtocolError(f"{name} is not valid JSON")
 
@@ -480,13 +510,16 @@ def encode_value(value: Any) -> str:
 def decode(text: str | bytes) -> Message:
     """Decode one message. Raises ProtocolError for anything malformed."""
     try:
-        obj = _decoder.decode(text if isinstance(text, str) else text.decode("utf-8"))
+        text = text if isinstance(text, str) else text.decode("utf-8")
+        obj = _decoder.decode(text)
     except ProtocolError:
         raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise ProtocolError(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("a message must be a JSON object")
+    if too_deep(text, obj):
+        raise ProtocolError(f"values nested more than {MAX_DEPTH} levels deep")
     kind = obj.get("type")
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:

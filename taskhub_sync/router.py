@@ -462,6 +462,8 @@ class Router:
         r = conn.held.get(msg.task)
         if r is None:
             raise ProtocolError(f"task {msg.task!r} is not held by this connection")
+        if type(msg) is p.Fail and msg.code is not None and msg.code not in WORKER_CODES:
+            raise ProtocolError(f"a worker may not fail a task with code {msg.code!r}")
         new = TRANSITIONS.get((r.state, type(msg)))
         if new is None:
             raise ProtocolError(f"{msg.TYPE!r} not allowed for a task in state {r.state.value}")
@@ -481,10 +483,8 @@ class Router:
                     service=r.service,
                     remote_type=msg.error_type,
                 )
-            elif msg.code in WORKER_CODES:  # the worker's library failed it
+            else:  # the worker's library failed it (a code checked above)
                 error = p.ErrorInfo(msg.code, msg.message, service=r.service)
-            else:
-                raise ProtocolError(f"a worker may not fail a task with code {msg.code!r}")
             self._settle(r, p.Outcome(p.FAILED, error=error), out)
         if new is RState.FINISHED:
             del conn.held[msg.task]

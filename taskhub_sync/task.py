@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -9,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
 from ._deadline import Deadline
-from .errors import PayloadTooLarge
+from .errors import InvalidState, PayloadTooLarge
+
+logger = logging.getLogger("taskhub_sync.client")
 
 if TYPE_CHECKING:
     from .client import Client
@@ -35,6 +38,7 @@ class Task:
         self.publisher = msg.publisher
         self._payload = msg.payload
         self._started = False
+        self._finished = False  # set when the handler has returned
         self._cancel = threading.Event()
         self.cancel_reason: str | None = None
 
@@ -60,26 +64,36 @@ class Task:
 
     def start(self) -> None:
         """Claim the task. Idempotent; does not wait for the hub."""
+        self._check_running()
         if not self._started:
             self._started = True
-            self._client._send_for_task(self, p.Start(self.id))
+            self._client._send_task_text(self, p.encode(p.Start(self.id)))
 
     def update(self, data: Any) -> None:
         """Send a progress update to the publisher (claims the task if needed).
 
         Raises:
-            TypeError, ValueError: If ``data`` is not JSON-serializable.
-            PayloadTooLarge: If it is over the hub's max_message_size.
+            TypeError, ValueError: If ``data`` is not JSON-serializable (or nested
+                too deeply).
+            PayloadTooLarge: If the update is over the hub's max_message_size.
+            InvalidState: If the handler has already returned.
         """
-        size = len(p.encode_value(data))  # ASCII: characters are bytes. Fails here if bad.
-        if size > self._client.max_message_size - 200:
+        self._check_running()
+        text = p.encode(p.Update(self.id, data))  # fails here, in the handler, if bad
+        if len(text) > self._client.max_message_size:  # ASCII: characters are bytes
             raise PayloadTooLarge(
-                f"update of {size} bytes is over the hub's max_message_size",
+                f"update of {len(text)} bytes is over the hub's max_message_size",
                 task_id=self.id,
                 topic=self.topic,
             )
+        if p.too_deep(text, data):
+            raise ValueError(f"update is nested more than {p.MAX_DEPTH} levels deep")
         self._started = True
-        self._client._send_for_task(self, p.Update(self.id, data))
+        self._client._send_task_text(self, text)
+
+    def _check_running(self) -> None:
+        if self._finished:
+            raise InvalidState(f"task {self.id} is over: its handler has returned")
 
     def _cancelled_by_hub(self, reason: str) -> None:
         self.cancel_reason = reason
@@ -87,7 +101,13 @@ class Task:
 
 
 class _HandlerPool:
-    """At most ``size`` daemon threads running handlers; started as needed."""
+    """At most ``size`` daemon threads running handlers; started as needed.
+
+    ``grow(n)`` lets n more run for a while: handlers still busy with tasks of a
+    dropped connection must not make the new connection's tasks queue (the hub
+    counts only the new ones against max_workers). Each such handler calls
+    ``shrink()`` when it ends.
+    """
 
     def __init__(self, size: int, run: Callable[[Any], None]) -> None:
         self._size = size
@@ -109,6 +129,14 @@ class _HandlerPool:
                 self._idle -= 1
         self._queue.put(item)
 
+    def grow(self, n: int) -> None:
+        with self._lock:
+            self._size += n
+
+    def shrink(self) -> None:
+        with self._lock:
+            self._size -= 1
+
     def _loop(self) -> None:
         while True:
             item = self._queue.get()
@@ -116,6 +144,8 @@ class _HandlerPool:
                 return
             try:
                 self._run(item)
+            except BaseException:  # a bug of ours: keep the thread serving
+                logger.exception("taskhub handler thread: running a task failed")
             finally:
                 with self._lock:
                     self._idle += 1

@@ -1,0 +1,305 @@
+"""Regressions for what an adversarial review broke: each test is one finding."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from faults import WAIT, LogWatcher, harness, wait_until
+
+from taskhub_sync import (
+    ConcurrencyError,
+    ConnectionLost,
+    InvalidState,
+    PayloadTooLarge,
+    ProtocolError,
+    Server,
+    TaskFailed,
+)
+from taskhub_sync import protocol as p
+from taskhub_sync._frames import MAX_FRAGMENTS, OP_CONT, OP_TEXT, FrameError, FrameReader
+from taskhub_sync.router import Credential, Outgoing, Router
+
+
+@pytest.fixture
+def h():
+    with harness() as hh:
+        yield hh
+
+
+def test_far_timeouts_are_refused_not_overflowed(h):
+    """A timeout past a year is a clear error everywhere; it never reaches the timer."""
+    with pytest.raises(ValueError, match="task_finish_timeout"):
+        Server(port=0, task_finish_timeout=1e10)
+    with pytest.raises(ValueError, match="ping_interval"):
+        Server(port=0, ping_interval=float("inf"))
+    with pytest.raises(ProtocolError, match="seconds"):
+        p.decode('{"type": "pub", "task": "s.1", "topic": "a", "timeout": 1e10}')
+    hub = h.hub()
+    publisher = h.client(hub, "pub")
+    with pytest.raises(ValueError, match="timeout"):
+        publisher.pub("job", timeout=1e10)
+
+
+def test_timer_still_works_with_the_longest_timeout_pending(h):
+    """A task with a year-long timeout pending; another task's start window still closes."""
+    hub = h.hub(task_start_timeout=0.2)
+    started = threading.Event()
+    release = threading.Event()
+    h.thread(lambda: None, stop=release.set)
+    worker = h.client(hub, "work", max_workers=2)
+    worker.sub("long", lambda t: (t.start(), started.set(), release.wait(WAIT)) and None)
+    worker.sub("silent", lambda t: t.wait_cancelled(WAIT) and None)
+    publisher = h.client(hub, "pub")
+    publisher.pub("long", timeout=365 * 24 * 3600.0)
+    assert started.wait(WAIT)
+    assert publisher.pub("silent").get_result(timeout=WAIT) is None  # "seen" at 0.2 s
+
+
+def test_deeply_nested_values_fail_their_task_not_the_connection(h):
+    """A result nested past MAX_DEPTH fails that task with TaskFailed; the worker stays."""
+    hub = h.hub()
+    deep: list = []
+    for _ in range(p.MAX_DEPTH + 50):
+        deep = [deep]
+    worker = h.client(hub, "work")
+    worker.sub("deep", lambda t: deep)
+    worker.sub("echo", lambda t: t.payload)
+    publisher = h.client(hub, "pub")
+    with pytest.raises(TaskFailed, match="nested"):
+        publisher.pub("deep").get_result(timeout=WAIT)
+    assert publisher.pub("echo", 7).get_result(timeout=WAIT) == 7
+    with pytest.raises(ValueError, match="nested"):
+        publisher.pub("echo", deep)
+
+
+def test_handler_raising_system_exit_still_answers_and_keeps_serving(h):
+    """SystemExit in a handler fails that task; with max_workers=1 the next task runs."""
+    hub = h.hub()
+
+    def handler(task):
+        if task.payload == "exit":
+            raise SystemExit(3)
+        return task.payload
+
+    worker = h.client(hub, "work", max_workers=1)
+    worker.sub("job", handler)
+    publisher = h.client(hub, "pub")
+    with pytest.raises(TaskFailed) as info:
+        publisher.pub("job", "exit").get_result(timeout=WAIT)
+    assert info.value.remote_type == "SystemExit"
+    assert publisher.pub("job", "next").get_result(timeout=WAIT) == "next"
+
+
+def test_stale_handler_after_reconnect_does_not_block_new_tasks(h):
+    """A handler still busy with a task of the dropped connection doesn't make the new
+    connection's task queue past its start window (a None result)."""
+    hub = h.hub(task_start_timeout=1.0)
+    busy = threading.Event()
+    release = threading.Event()
+    h.thread(lambda: None, stop=release.set)
+
+    def handler(task):
+        if task.payload == "stuck":
+            busy.set()
+            release.wait(WAIT)  # ignores cancellation on purpose
+        return task.payload
+
+    worker = h.client(hub, "work", max_workers=1, reconnect_delay=(0.05, 0.2))
+    worker.sub("job", handler)
+    publisher = h.client(hub, "pub")
+    publisher.pub("job", "stuck")
+    assert busy.wait(WAIT)
+    with LogWatcher() as logs:
+        worker._ws.sock.shutdown(socket.SHUT_RDWR)
+        logs.wait_for("reconnected to")
+    worker.sub("barrier", lambda t: None)  # a round trip: the re-subscription is in
+    assert publisher.pub("job", "fresh").get_result(timeout=WAIT) == "fresh"
+
+
+def test_resume_grace_is_enforced_on_time(h):
+    """A publisher gone for good: its worker is told after resume_grace, not at the next
+    unrelated deadline."""
+    hub = h.hub(resume_grace=0.3, task_finish_timeout=60.0)
+    told = threading.Event()
+    reasons = []
+
+    def handler(task):
+        task.start()
+        task.wait_cancelled(WAIT)
+        reasons.append(task.cancel_reason)
+        told.set()
+
+    h.client(hub, "work").sub("job", handler)
+    publisher = h.client(hub, "pub", reconnect=False)
+    publisher.pub("job", timeout=60.0)
+    wait_until(lambda: hub.pending_tasks() == 1, what="the task to be routed")
+    publisher._ws.sock.shutdown(socket.SHUT_RDWR)
+    assert told.wait(3.0)
+    assert reasons == ["publisher gone"]
+
+
+def test_last_result_written_into_a_dying_link_is_replayed(h):
+    """The session is kept for its recent results even with nothing pending: the one
+    result that went out on the dead link arrives after the resume."""
+    hub = h.hub(resume_grace=WAIT)
+    proxy = h.proxy(hub)
+    got = threading.Event()
+    release = threading.Event()
+    h.thread(lambda: None, stop=release.set)
+    worker = h.client(hub, "work")
+    worker.sub("job", lambda t: (t.start(), got.set(), release.wait(WAIT)) and "finished")
+    with LogWatcher() as logs:
+        publisher = h.client(proxy.url, "pub", reconnect_delay=(0.05, 0.2))
+        handle = publisher.pub("job")
+        assert got.wait(WAIT)
+        proxy.freeze()  # the link dies silently
+        release.set()  # the result goes into the dead link
+        wait_until(lambda: hub.pending_tasks() == 0, what="the job's Done to be sent")
+        publisher._ws.sock.shutdown(socket.SHUT_RDWR)
+        logs.wait_for("reconnected to", "(resumed)")
+        assert handle.get_result(timeout=WAIT) == "finished"
+
+
+def test_update_after_the_handler_returned_is_refused(h):
+    """A leftover thread calling task.update() after the handler returned gets
+    InvalidState; nothing reaches the hub, so the worker's connection stays up."""
+    hub = h.hub()
+    kept = []
+    worker = h.client(hub, "work")
+    worker.sub("job", lambda t: kept.append(t) or "done")
+    publisher = h.client(hub, "pub")
+    assert publisher.pub("job").get_result(timeout=WAIT) == "done"
+    with pytest.raises(InvalidState):
+        kept[0].update("late")
+    assert publisher.pub("job").get_result(timeout=WAIT) == "done"
+
+
+def test_update_size_counts_the_whole_message(h):
+    """An update that fits max_message_size only without its envelope is refused."""
+    hub = h.hub(max_message_size=2048)
+    errors = []
+
+    def handler(task):
+        try:
+            task.update("x" * 2040)
+        except PayloadTooLarge as exc:
+            errors.append(exc)
+        return "ok"
+
+    h.client(hub, "work").sub("job", handler)
+    assert h.client(hub, "pub").pub("job").get_result(timeout=WAIT) == "ok"
+    assert len(errors) == 1
+
+
+def test_future_result_from_a_callback_raises_instead_of_deadlocking(h):
+    """Future.result() on a pending handle from a callback: ConcurrencyError."""
+    hub = h.hub()
+    release = threading.Event()
+    h.thread(lambda: None, stop=release.set)
+    worker = h.client(hub, "work")
+    worker.sub("slow", lambda t: (t.start(), release.wait(WAIT)) and "slow")
+    worker.sub("fast", lambda t: "fast")
+    publisher = h.client(hub, "pub")
+    pending = publisher.pub("slow")
+    seen = []
+    done = threading.Event()
+
+    def callback(handle):
+        try:
+            pending.result(timeout=1)
+        except ConcurrencyError as exc:
+            seen.append(exc)
+        done.set()
+
+    publisher.pub("fast").on("done", callback)
+    assert done.wait(WAIT)
+    assert len(seen) == 1
+    release.set()
+    assert pending.get_result(timeout=WAIT) == "slow"
+
+
+def test_settled_tasks_leave_the_waiting_queue():
+    """Tasks answered "busy" don't stay queued (payload and all) for a slot."""
+    cred = Credential("svc", sub_permissions=("*",), pub_permissions=("*",), max_instances=4)
+    router = Router(task_start_timeout=1.0, task_finish_timeout=10.0)
+    router.connect("w", cred, 1)
+    router.receive("w", p.Subscribe(1, "job"), 0.0)
+    router.connect("pub", cred, 1)
+    for n in range(50):
+        router.receive("pub", p.Publish(f"t{n}", "job", "x" * 1000), 0.0)
+    assert len(router._services["svc"].waiting) == 49
+    router.expire(1.0)
+    assert len(router._services["svc"].waiting) == 0
+
+
+def test_worker_cannot_fail_a_task_with_a_hub_error_code():
+    """fail.code is limited to what a worker's library may say (payload_too_large)."""
+    cred = Credential("svc", sub_permissions=("*",), pub_permissions=("*",), max_instances=4)
+    router = Router(task_start_timeout=1.0, task_finish_timeout=10.0)
+    router.connect("w", cred, 1)
+    router.receive("w", p.Subscribe(1, "job"), 0.0)
+    router.connect("pub", cred, 1)
+    router.receive("pub", p.Publish("t1", "job"), 0.0)
+    with pytest.raises(ProtocolError, match="may not fail"):
+        router.receive("w", p.Fail("t1", "X", "spoof", code="permission_denied"), 0.1)
+    out = router.receive("w", p.Fail("t1", "X", "too big", code="payload_too_large"), 0.1)
+    assert out == [
+        Outgoing(
+            "pub",
+            p.Done(
+                "t1",
+                {
+                    "svc": p.Outcome(
+                        p.FAILED, error=p.ErrorInfo("payload_too_large", "too big", service="svc")
+                    )
+                },
+                error=p.ErrorInfo("payload_too_large", "too big", service="svc"),
+            ),
+        )
+    ]
+
+
+def test_empty_fragments_are_bounded():
+    """Zero-length continuation frames can't grow a message without limit."""
+    reader = FrameReader(1 << 20)
+    mask = b"\x00\x00\x00\x00"
+    first = bytes((OP_TEXT, 0x80)) + mask  # not final, empty, masked
+    empty = bytes((OP_CONT, 0x80)) + mask
+    reader.feed(first)
+    with pytest.raises(FrameError) as info:
+        reader.feed(empty * MAX_FRAGMENTS)
+    assert info.value.code == 1009
+
+
+def test_pub_from_a_callback_while_reconnecting_fails_at_once(h):
+    """A callback's pub() while the connection is down raises at once instead of
+    blocking the reader (the very thread that reconnects) for open_timeout."""
+    hub = h.hub()
+    release = threading.Event()
+    h.thread(lambda: None, stop=release.set)
+    worker = h.client(hub, "work")
+    worker.sub("job", lambda t: (t.start(), release.wait(WAIT)) and "ok")
+    publisher = h.client(hub, "pub", open_timeout=WAIT)
+    outcome = []
+    done = threading.Event()
+
+    def callback(_):  # runs on the reader thread
+        t0 = time.monotonic()
+        try:
+            publisher.pub("job")
+        except ConnectionLost:
+            outcome.append(time.monotonic() - t0)
+        done.set()
+
+    handle = publisher.pub("job").on("done", callback)
+    publisher._connected.clear()  # the state while the client is reconnecting
+    try:
+        release.set()
+        assert done.wait(WAIT)
+        assert handle.get_result(timeout=WAIT) == "ok"
+        assert len(outcome) == 1 and outcome[0] < 1.0
+    finally:
+        publisher._connected.set()
