@@ -156,10 +156,14 @@ class _Connection:
                 return
             if sent < len(data):
                 self.unsent += data[sent:]
-                self.drainer = threading.Thread(
+                # Started before it is published: _linger() joins self.drainer
+                # without send_lock, and joining an unstarted thread raises.
+                # (_drain() itself waits for send_lock, held here.)
+                drainer = threading.Thread(
                     target=self._drain, name=f"taskhub-drain-{self.peer}", daemon=True
                 )
-                self.drainer.start()
+                drainer.start()
+                self.drainer = drainer
 
     def _drain(self) -> None:
         """Write ``unsent`` as the peer reads it; drop the peer if it stops reading."""
