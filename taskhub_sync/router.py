@@ -80,6 +80,7 @@ class _Recipient:
     state: RState = RState.QUEUED
     conn_id: str | None = None
     outcome: p.Outcome | None = None
+    start_deadline: float = 0.0  # set on delivery: start or answer by then
 
 
 @dataclass(eq=False)
@@ -89,7 +90,7 @@ class _Task:
     payload: Any
     publisher: str  # conn id
     publisher_service: str
-    start_deadline: float
+    start_deadline: float  # queued recipients wait for a free slot until then
     finish_deadline: float
     recipients: dict[str, _Recipient] = field(default_factory=dict)  # by service
     open: int = 0  # recipients without an outcome
@@ -284,7 +285,7 @@ class Router:
         if kind is p.Publish:
             return self._on_publish(conn, message, now)  # type: ignore[arg-type]
         if kind is p.Subscribe:
-            return self._on_subscribe(conn, message)  # type: ignore[arg-type]
+            return self._on_subscribe(conn, message, now)  # type: ignore[arg-type]
         if kind is p.Unsubscribe:
             return self._on_unsubscribe(conn, message)  # type: ignore[arg-type]
         raise ProtocolError(f"a client may not send {message.TYPE!r} now")
@@ -316,7 +317,7 @@ class Router:
             others = self._candidates(r.task.topic).get(name)
             if r.state is RState.DELIVERED and r.task.window_open and others:
                 r.state, r.conn_id = RState.QUEUED, None
-                self._place(r, out, others)
+                self._place(r, out, others, now)
             elif r.state in (RState.DELIVERED, RState.STARTED):
                 r.state = RState.FINISHED
                 error = p.ErrorInfo(
@@ -353,8 +354,8 @@ class Router:
             task = self._tasks.get(task_id)
             if task is None:
                 continue
-            if kind == _START and task.window_open and task.start_deadline == deadline:
-                self._close_window(task, out)
+            if kind == _START:
+                self._close_window(task, out, now)
             elif kind == _FINISH and task.finish_deadline == deadline:
                 self._time_out(task, out)
         return out
@@ -382,7 +383,7 @@ class Router:
 
     # ----------------------------------------------------------------- handlers
 
-    def _on_subscribe(self, conn: _Conn, msg: p.Subscribe) -> list[Outgoing]:
+    def _on_subscribe(self, conn: _Conn, msg: p.Subscribe, now: float) -> list[Outgoing]:
         try:
             pattern = topics.validate_pattern(msg.pattern)
         except InvalidTopic as exc:
@@ -401,7 +402,7 @@ class Router:
             index = self._exact if prefix is None else self._prefix
             key = pattern if prefix is None else prefix
             index.setdefault(key, {}).setdefault(cred.name, []).append(conn.id)
-            self._drain_waiting(conn, out)
+            self._drain_waiting(conn, out, now)
         return out
 
     def _on_unsubscribe(self, conn: _Conn, msg: p.Unsubscribe) -> list[Outgoing]:
@@ -453,7 +454,7 @@ class Router:
             r = _Recipient(task, service)
             task.recipients[service] = r
             task.open += 1
-            self._place(r, out, conn_ids)
+            self._place(r, out, conn_ids, now)
         return out
 
     def _on_worker_message(
@@ -488,7 +489,7 @@ class Router:
             self._settle(r, p.Outcome(p.FAILED, error=error), out)
         if new is RState.FINISHED:
             del conn.held[msg.task]
-            self._drain_waiting(conn, out)
+            self._drain_waiting(conn, out, now)
         return out
 
     # ----------------------------------------------------------------- helpers
@@ -511,7 +512,7 @@ class Router:
                         found[service] = ids if have is None else _union(have, ids)
         return found
 
-    def _place(self, r: _Recipient, out: list[Outgoing], conn_ids: list[str]) -> None:
+    def _place(self, r: _Recipient, out: list[Outgoing], conn_ids: list[str], now: float) -> None:
         """Deliver a QUEUED recipient to a free instance among ``conn_ids``, or leave it
         waiting for one."""
         svc = self._services[r.service]
@@ -520,19 +521,25 @@ class Router:
             conn = self._conns[conn_ids[(svc.rr + i) % n]]
             if len(conn.held) < conn.concurrency:
                 svc.rr += i + 1
-                self._deliver(r, conn, out)
+                self._deliver(r, conn, out, now)
                 return
         svc.waiting.append(r)
 
-    def _deliver(self, r: _Recipient, conn: _Conn, out: list[Outgoing]) -> None:
+    def _deliver(self, r: _Recipient, conn: _Conn, out: list[Outgoing], now: float) -> None:
+        """Hand a recipient to an instance, which has a whole start window from now to
+        start or answer it (a task that waited for a free slot gets a window of its own,
+        not the rest of the one it waited in)."""
         task = r.task
         r.state, r.conn_id = RState.DELIVERED, conn.id
+        r.start_deadline = now + self.task_start_timeout
+        if r.start_deadline > task.start_deadline:  # delivered after publish
+            self._push_deadline(r.start_deadline, _START, task.id)
         conn.held[task.id] = r
         out.append(
             Outgoing(conn.id, p.Task(task.id, task.topic, task.payload, task.publisher_service))
         )
 
-    def _drain_waiting(self, conn: _Conn, out: list[Outgoing]) -> None:
+    def _drain_waiting(self, conn: _Conn, out: list[Outgoing], now: float) -> None:
         """Give a conn with free slots the oldest waiting tasks it can take."""
         svc = self._services.get(conn.credential.name)
         if svc is None or not svc.waiting:
@@ -543,7 +550,7 @@ class Router:
             if r.state is not RState.QUEUED:
                 continue  # settled while waiting
             if any(topics.matches(pat, r.task.topic) for pat in conn.patterns):
-                self._deliver(r, conn, out)
+                self._deliver(r, conn, out, now)
             else:
                 skipped.append(r)
         svc.waiting.extendleft(reversed(skipped))
@@ -620,15 +627,20 @@ class Router:
     def _outcomes(self, task: _Task) -> dict[str, p.Outcome]:
         return {svc: r.outcome for svc, r in task.recipients.items() if r.outcome}
 
-    def _close_window(self, task: _Task, out: list[Outgoing]) -> None:
-        """The start window passed: unanswered recipients only saw the task."""
-        task.window_open = False
+    def _close_window(self, task: _Task, out: list[Outgoing], now: float) -> None:
+        """A start deadline of ``task`` passed. At the task's own (its start window from
+        publish), recipients still waiting for a free slot are busy; at any recipient's
+        (its window from delivery), one neither started nor answered only saw the task.
+        Idempotent: a deadline that finds nothing due changes nothing."""
+        if task.window_open and now >= task.start_deadline:
+            task.window_open = False
+            for r in list(task.recipients.values()):
+                if r.state is RState.QUEUED:
+                    r.state = RState.FINISHED
+                    self._settle(r, p.Outcome(p.BUSY), out)
+                    self._prune_waiting(r.service)
         for r in list(task.recipients.values()):
-            if r.state is RState.QUEUED:
-                r.state = RState.FINISHED
-                self._settle(r, p.Outcome(p.BUSY), out)
-                self._prune_waiting(r.service)
-            elif r.state is RState.DELIVERED:
+            if r.state is RState.DELIVERED and r.start_deadline <= now:
                 r.state = RState.ENDED
                 out.append(Outgoing(r.conn_id, p.Cancel(task.id, "not started in time")))  # type: ignore[arg-type]
                 self._settle(r, p.Outcome(p.SEEN), out)

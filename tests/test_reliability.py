@@ -732,6 +732,39 @@ def test_tasks_queue_for_a_free_instance_within_the_start_window(h):
     assert max(peak) <= 2
 
 
+def test_task_that_waited_for_a_slot_gets_a_whole_start_window(h):
+    """A task handed out late in its window still has task_start_timeout to be started:
+    its handler's start() after the publish-time window counts, and so does its result."""
+    window = 0.6
+    hub = h.hub(task_start_timeout=window)
+    release_first = threading.Event()
+    second_delivered: list[float] = []
+
+    def handler(task):
+        if task.get_payload() == 1:
+            task.start()
+            release_first.wait(WAIT)
+        else:
+            second_delivered.append(time.monotonic())
+            # Start only once the window counted from publish is over (the thing under
+            # test is the clock, so this waits for time to pass, not for a thread).
+            time.sleep(max(0.0, published + window * 1.2 - time.monotonic()))
+            task.start()
+        return task.get_payload()
+
+    worker = h.client(hub, "work", max_workers=1)
+    worker.sub("job", handler)
+    publisher = h.client(hub, "pub")
+    published = time.monotonic()
+    first, second = publisher.pub("job", 1), publisher.pub("job", 2)
+    threading.Event().wait(window * 0.5)  # let the second wait for the slot a while
+    release_first.set()
+    assert first.get_result(timeout=WAIT) == 1
+    assert second.get_result(timeout=WAIT) == 2
+    assert second.results["work"].status == "ok"
+    assert second_delivered[0] - published >= window * 0.5
+
+
 def test_max_pending_gives_limit_exceeded(h):
     """Past max_pending tasks on one connection pub() fails with LimitExceeded."""
     hub = h.hub(max_pending=2)

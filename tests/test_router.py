@@ -451,6 +451,41 @@ def test_window_queued_becomes_busy_overloaded(router: Router) -> None:
     ]
 
 
+def test_task_delivered_from_the_queue_gets_a_whole_start_window(router: Router) -> None:
+    """A task that waited for a slot has task_start_timeout from its delivery to start,
+    not what was left of the window it waited in."""
+    join(router, "s#1", "s", "a")
+    router.receive("pub", Publish("t1", "a"), 0.0)
+    router.receive("pub", Publish("t2", "a"), 0.0)
+    router.receive("s#1", Start("t1"), 0.0)
+    assert router.receive("s#1", Result("t1", 1), 0.9) == [
+        Outgoing("pub", Done("t1", {"s": Outcome(p.OK, 1)}, winner="s")),
+        Outgoing("s#1", task("t2")),
+    ]
+    assert router.expire(START) == []  # t2's own window runs until 1.9
+    assert router.task_state("t2") == {"s": RState.DELIVERED}
+    assert router.receive("s#1", Start("t2"), 1.5) == []
+    assert router.expire(0.9 + START) == []
+    assert router.receive("s#1", Result("t2", 2), 3.0) == [
+        Outgoing("pub", Done("t2", {"s": Outcome(p.OK, 2)}, winner="s"))
+    ]
+
+
+def test_task_delivered_from_the_queue_and_not_started_is_seen(router: Router) -> None:
+    """The delivery window of a task that waited closes on its own deadline."""
+    join(router, "s#1", "s", "a")
+    router.receive("pub", Publish("t1", "a"), 0.0)
+    router.receive("pub", Publish("t2", "a"), 0.0)
+    router.receive("s#1", Result("t1", 1), 0.5)  # answered at once: t2 delivered at 0.5
+    assert router.next_deadline() == START
+    assert router.expire(START) == []
+    assert router.expire(0.5 + START - 0.01) == []
+    assert router.expire(0.5 + START) == [
+        Outgoing("s#1", Cancel("t2", "not started in time")),
+        Outgoing("pub", Done("t2", {"s": Outcome(p.SEEN)})),
+    ]
+
+
 def test_window_mixes_busy_seen_and_started(router: Router) -> None:
     """Window close: QUEUED -> busy, DELIVERED -> seen, STARTED keeps going and wins."""
     join(router, "busy#1", "busy", "a", "x")
