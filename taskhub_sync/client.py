@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -45,6 +47,7 @@ from .errors import (
     AuthenticationError,
     ConcurrencyError,
     ConnectionLost,
+    InvalidState,
     InvalidTopic,
     LimitExceeded,
     PayloadTooLarge,
@@ -61,6 +64,22 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Task], Any]
 H = TypeVar("H", bound=Handler)
+
+
+#: Every open Client of this process, for the fork hook below.
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's sockets but has none of its threads: a Client
+    # it inherited must not be used (its writes would corrupt the parent's stream,
+    # its handles would never complete). Only a flag is set: locks may be held.
+    for client in list(_clients):
+        client._forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Lost(Exception):
@@ -175,6 +194,7 @@ class Client:
         self._ended = threading.Event()  # set when the reader has stopped for good
         self._ids = itertools.count(1)
         self._pool = _HandlerPool(max_workers, self._run_handler)
+        self._forked = False  # set in a child process that inherited this client
 
         link, welcome = self._first_connect(wait_for_hub)
         self._link = link
@@ -184,6 +204,7 @@ class Client:
             target=self._reader_main, name="taskhub-reader", daemon=True
         )
         self._reader.start()
+        _clients.add(self)
 
     # ----------------------------------------------------------------- public
 
@@ -201,6 +222,7 @@ class Client:
                 ``timeout`` is not a positive number.
             ConnectionLost: If the client is closed, or stays disconnected for
                 ``open_timeout`` seconds while reconnecting.
+            InvalidState: In a child process that inherited the client by fork().
 
         Failures of the task itself (no subscribers, permission denied, timeout,
         the handler raised, payload too large) come through the handle.
@@ -294,7 +316,9 @@ class Client:
             ConnectionLost: If the connection is lost for good (reconnect off or
                 given up).
             AuthenticationError: If the hub refused the credentials on reconnect.
+            InvalidState: In a child process that inherited the client by fork().
         """
+        self._check_process()
         try:
             with interrupt_on(stop_signals):
                 while not self._ended.wait(3600):
@@ -321,6 +345,8 @@ class Client:
         Raises:
             ConcurrencyError: If called from a callback on the reader thread.
         """
+        if self._forked:
+            return  # the parent's connection: not ours to close
         if threading.current_thread() is self._reader:
             raise ConcurrencyError("close() from a callback would deadlock")
         with self._lock:
@@ -397,10 +423,12 @@ class Client:
             try:
                 return self._connect(None, Deadline(self.open_timeout))
             except (ConnectionLost, TimeoutError, TryAgainLater) as exc:
-                delay = min(cap, first * 2**attempt) * random.uniform(0.5, 1.0)
                 left = patience.remaining() or 0.0
-                if left <= delay:
+                if left <= 0:
                     raise
+                # The last wait is cut to what is left, so the final attempt comes at
+                # the end of wait_for_hub, not a backoff step before it.
+                delay = min(left, min(cap, first * 2**attempt) * random.uniform(0.5, 1.0))
                 logger.info("hub not reachable yet (%s); retrying in %.2f s", exc, delay)
                 time.sleep(delay)  # nothing to wake us early: this is the constructor
         raise AssertionError("unreachable")  # pragma: no cover
@@ -437,6 +465,7 @@ class Client:
         self.resume_grace = welcome.resume_grace
 
     def _wait_connected(self) -> None:
+        self._check_process()
         if self._closing:
             raise ConnectionLost("the client is closed")
         if threading.current_thread() is self._reader and not self._connected.is_set():
@@ -694,6 +723,13 @@ class Client:
                 self._pool.shrink()  # a handler from an earlier connection is done
 
     # ----------------------------------------------------------------- sending
+
+    def _check_process(self) -> None:
+        if self._forked:
+            raise InvalidState(
+                "this Client was created in the parent process before a fork: "
+                "create one in each process that uses it (e.g. in a post-fork hook)"
+            )
 
     def _check_open(self) -> None:
         """Requires self._lock."""

@@ -329,6 +329,17 @@ def _email(email: Mapping[str, str], coords: Mapping[str, Any] | None) -> bytes:
     return msg.as_bytes()
 
 
+_print_lock = threading.Lock()
+
+
+def _say(text: str) -> None:
+    """Print one line from a handler thread (print() writes the text and the newline
+    separately, so two handlers' lines could run together)."""
+    with _print_lock:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
 def geocode(task: Task) -> dict[str, Any]:
     """The geocoder's ``googlemaps:geocode`` handler: look the address up in GEOCODES.
 
@@ -340,14 +351,14 @@ def geocode(task: Task) -> dict[str, Any]:
     coords = GEOCODES.get(address.strip().lower())
     if coords is None:
         raise LookupError(f"unknown address {address!r}")
-    print(f"{address} -> {coords['lat']}, {coords['lng']}", flush=True)
+    _say(f"{address} -> {coords['lat']}, {coords['lng']}")
     return {"address": address, **coords}
 
 
 def log_handler(task: Task) -> None:
     """The logger's ``log:*`` handler: print ``LEVEL service: message``."""
     level = task.topic.rpartition(":")[2].upper()
-    print(f"{level:<5} {task.publisher}: {task.get_payload()}", flush=True)
+    _say(f"{level:<5} {task.publisher}: {task.get_payload()}")
 
 
 def _serve(client: Client, role: str, args: argparse.Namespace) -> None:

@@ -202,3 +202,56 @@ def test_run_forever_stops_cleanly_on_sigterm(hub):
         if proc.poll() is None:
             proc.kill()
             proc.wait(WAIT)
+
+
+def test_wait_for_hub_keeps_trying_for_the_whole_wait():
+    """With nothing listening, Client(wait_for_hub=S) gives up after S seconds, not a
+    backoff step earlier."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    patience = 1.0
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionLost):
+        Client(
+            f"ws://127.0.0.1:{port}",
+            name="publisher",
+            key="k",
+            wait_for_hub=patience,
+            reconnect_delay=(0.4, 5.0),
+        )
+    assert patience <= time.monotonic() - t0 < patience + WAIT
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_client_inherited_by_fork_refuses_use_and_leaves_the_parent_working(hub, make_client):
+    """A child that forked after the Client was made (a preforking web server) gets
+    InvalidState at once instead of a hang, and its close() leaves the parent's
+    connection alone."""
+    worker = make_client("geocoder")
+    worker.sub("googlemaps:geocode", lambda task: task.get_payload())
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        from taskhub_sync import Client, InvalidState
+        client = Client({hub.url!r}, name="publisher", key={key_of("publisher")!r})
+        assert client.pub("googlemaps:geocode", 1).get_result(timeout=5) == 1
+        pid = os.fork()
+        if pid == 0:
+            try:
+                client.pub("googlemaps:geocode", 2)
+            except InvalidState as exc:
+                print("CHILD", type(exc).__name__, flush=True)
+            client.close()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert client.pub("googlemaps:geocode", 3).get_result(timeout=5) == 3
+        print("PARENT", status, flush=True)
+        client.close()
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["CHILD InvalidState", "PARENT 0"]
