@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 
 import pytest
+import trustme
 from faults import (
     SERVICES,
     WAIT,
@@ -30,8 +29,6 @@ from taskhub_sync import AuthenticationError, ConnectionLost, Server
 from taskhub_sync import protocol as p
 from taskhub_sync.auth import StoredKey, hash_key
 
-OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
-
 
 @pytest.fixture
 def h():
@@ -39,54 +36,19 @@ def h():
         yield hh
 
 
-def _make_cert(directory, name):
-    """A self-signed certificate for 127.0.0.1 made with the openssl CLI."""
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    try:
-        subprocess.run(
-            [
-                OPENSSL,
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-                "-keyout",
-                str(key),
-                "-out",
-                str(cert),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot make a test certificate with {OPENSSL}: {exc}")
-    return cert, key
-
-
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    """(cert, key) of the hub, and the cert of an unrelated self-signed CA."""
-    if not shutil.which(OPENSSL):
-        pytest.skip("openssl CLI not found: it makes the test certificates")
-    directory = tmp_path_factory.mktemp("tls")
-    return _make_cert(directory, "hub"), _make_cert(directory, "stranger")[0]
+def certs():
+    """A certificate authority made at test time, the hub's certificate for 127.0.0.1
+    issued by it, and an unrelated authority (trustme: no openssl CLI needed)."""
+    ca, stranger = trustme.CA(), trustme.CA()
+    return ca, ca.issue_cert("127.0.0.1"), stranger
 
 
 @pytest.fixture
 def tls_hub(h, certs):
-    (cert, key), _ = certs
+    _, hub_cert, _ = certs
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    hub_cert.configure_cert(context)
     hub = h.hub(ssl_context=context)
     assert hub.url.startswith("wss://")
     return hub
@@ -95,7 +57,9 @@ def tls_hub(h, certs):
 @pytest.fixture
 def trusting(certs):
     """A client SSLContext that trusts the hub's certificate."""
-    return ssl.create_default_context(cafile=str(certs[0][0]))
+    context = ssl.create_default_context()
+    certs[0].configure_trust(context)
+    return context
 
 
 # ----------------------------------------------------------------- TLS
@@ -117,14 +81,12 @@ def test_tls_round_trip_with_updates(h, tls_hub, trusting):
     assert handle.updates == [0, 1, 2]
 
 
-@pytest.mark.parametrize("trust", ["system-cas", "other-self-signed"])
+@pytest.mark.parametrize("trust", ["system-cas", "another-ca"])
 def test_untrusted_certificate_is_refused(h, tls_hub, trusting, certs, trust):
     """A client that does not trust the hub's certificate refuses to connect."""
-    context = (
-        ssl.create_default_context()
-        if trust == "system-cas"
-        else ssl.create_default_context(cafile=str(certs[1]))
-    )
+    context = ssl.create_default_context()
+    if trust == "another-ca":
+        certs[2].configure_trust(context)
     with pytest.raises(ConnectionLost, match="CERTIFICATE_VERIFY_FAILED|certificate verify"):
         h.client(tls_hub, "pub", ssl_context=context, reconnect=False)
     h.echo_worker(tls_hub, ssl_context=trusting)
