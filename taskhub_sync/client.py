@@ -23,6 +23,7 @@ import ssl
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -58,11 +59,14 @@ from .errors import (
     from_code,
 )
 from .handle import TaskHandle
-from .task import Task, _HandlerPool
+from .task import _CLAIMED, Task, _HandlerPool
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Task], Any]
+
+#: Seconds start() may defer its message to the hub (see Task.start).
+MAX_CLAIM_DELAY = 0.005
 H = TypeVar("H", bound=Handler)
 
 
@@ -195,6 +199,7 @@ class Client:
         self._ids = itertools.count(1)
         self._pool = _HandlerPool(max_workers, self._run_handler)
         self._forked = False  # set in a child process that inherited this client
+        self._claims: deque[Task] = deque()  # tasks by claim deadline (reader thread)
 
         link, welcome = self._first_connect(wait_for_hub)
         self._link = link
@@ -462,6 +467,9 @@ class Client:
         self.session = welcome.session
         self.max_message_size = welcome.max_message_size
         self.task_start_timeout = welcome.task_start_timeout
+        # How long start() may hold its claim back, hoping the answer comes first: a
+        # small part of the hub's start window.
+        self._claim_delay = min(MAX_CLAIM_DELAY, welcome.task_start_timeout / 10)
         self.resume_grace = welcome.resume_grace
 
     def _wait_connected(self) -> None:
@@ -564,20 +572,37 @@ class Client:
             self._fail_all(why)
 
     def _read(self, link: Link) -> None:
-        """Read and dispatch until this connection ends; raises _Lost with why."""
+        """Read and dispatch until this connection ends; raises _Lost with why.
+
+        Wakes for data, for a deferred claim that falls due, and after ping_interval
+        of silence: then it pings, and after another interval gives the hub up.
+        """
+        interval = self.ping_interval
         awaiting_pong = False
+        heard = time.monotonic()
         try:
             while True:
+                now = time.monotonic()
+                wake = heard + interval
+                claim = self._send_due_claims(now)
+                if claim is not None and claim < wake:
+                    wake = claim
+                link.settimeout(max(wake - now, 0.0001))
                 try:
                     frames = link.read()
                 except socket.timeout:
+                    now = time.monotonic()
+                    if now < heard + interval:
+                        continue  # woke for a claim
                     if awaiting_pong:
                         raise _Lost(
                             ConnectionLost("the hub stopped answering heartbeats")
                         ) from None
                     awaiting_pong = True
+                    heard = now  # the pong (or anything) must come within an interval
                     link.write(encode_frame(OP_PING, b"hb", mask=True))
                     continue
+                heard = time.monotonic()
                 awaiting_pong = False
                 for opcode, payload in frames:
                     if opcode == OP_TEXT:
@@ -600,6 +625,7 @@ class Client:
 
     def _on_drop(self, error: BaseException) -> None:
         """The connection is gone: stop what belonged to it."""
+        self._claims.clear()  # their messages would be dropped now: see _send_task_text
         with self._lock:
             self._connected.clear()
             self._generation += 1
@@ -665,15 +691,32 @@ class Client:
     # ----------------------------------------------------------------- handlers
 
     def _accept_task(self, msg: p.Task) -> None:
+        claim_by = time.monotonic() + self._claim_delay
         with self._lock:
             closing = self._closing
-            task = Task(self, msg, self._generation)
+            task = Task(self, msg, self._generation, claim_by)
             if not closing:
                 self._running[task.id] = task
         if closing:
             self._send_quietly(p.Fail(task.id, "ClientClosing", "the worker is shutting down"))
             return
+        self._claims.append(task)
         self._pool.submit(task)
+
+    def _send_due_claims(self, now: float) -> float | None:
+        """Send the claims that start() deferred and are due; return when the next one
+        is (None: none waiting). Reader thread only."""
+        claims = self._claims
+        while claims:
+            task = claims[0]
+            if task._claim == _CLAIMED:  # answered or claimed already: nothing to send
+                claims.popleft()
+            elif task._claim_by <= now:
+                claims.popleft()
+                task._send_deferred_claim()
+            else:
+                return task._claim_by
+        return None
 
     def _handler_for(self, topic: str) -> Handler | None:
         """Most specific handler: exact topic, then the longest prefix, then ``*``."""
@@ -798,7 +841,7 @@ class Client:
                     code="payload_too_large",
                 )
             )
-        self._send_task_text(task, text)
+        task._send_claiming(text)
 
     def _send_task_text(self, task: Task, text: str) -> None:
         """Send a worker message, unless the task came on an earlier connection (the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,10 @@ if TYPE_CHECKING:
     from .client import Client
 
 
+#: Claim states of a task (Task._claim), guarded by Task._io.
+_UNCLAIMED, _DEFERRED, _CLAIMED = 0, 1, 2
+
+
 class Task:
     """A task as a subscription handler sees it.
 
@@ -29,7 +34,7 @@ class Task:
     on the network for long.
     """
 
-    def __init__(self, client: Client, msg: p.Task, generation: int) -> None:
+    def __init__(self, client: Client, msg: p.Task, generation: int, claim_by: float) -> None:
         self._client = client
         self._generation = generation  # the client's connection it came in on
         self.id = msg.task
@@ -37,7 +42,13 @@ class Task:
         #: The service that published the task.
         self.publisher = msg.publisher
         self._payload = msg.payload
-        self._started = False
+        # Claiming: start() before claim_by only marks the task _DEFERRED; the reader
+        # sends the start message at claim_by unless the handler has answered by then
+        # (an update or the answer claims it too). A fast handler thus costs one
+        # message, not two. _io orders this task's messages: nothing after its answer.
+        self._claim_by = claim_by
+        self._claim = _UNCLAIMED
+        self._io = threading.Lock()
         self._finished = False  # set when the handler has returned
         self._cancel = threading.Event()
         self.cancel_reason: str | None = None
@@ -63,11 +74,36 @@ class Task:
         return self._cancel.wait(timeout)
 
     def start(self) -> None:
-        """Claim the task. Idempotent; does not wait for the hub."""
+        """Claim the task. Idempotent; does not wait for the hub.
+
+        The claim reaches the hub within a few milliseconds (at once if the task
+        came in longer ago than that); a handler that answers sooner needs none.
+        """
         self._check_running()
-        if not self._started:
-            self._started = True
+        with self._io:
+            if self._claim != _UNCLAIMED:
+                return
+            if time.monotonic() < self._claim_by:
+                self._claim = _DEFERRED
+                return
+            self._claim = _CLAIMED
             self._client._send_task_text(self, p.encode(p.Start(self.id)))
+
+    def _send_deferred_claim(self) -> None:
+        """The claim deadline passed: send the start message if start() deferred it.
+        Called by the reader thread."""
+        with self._io:
+            if self._claim == _DEFERRED:
+                self._claim = _CLAIMED
+                self._client._send_task_text(self, p.encode(p.Start(self.id)))
+            elif self._claim == _UNCLAIMED:
+                self._claim_by = 0.0  # from now on start() sends at once
+
+    def _send_claiming(self, text: str) -> None:
+        """Send an update or the answer: either claims the task."""
+        with self._io:
+            self._claim = _CLAIMED
+            self._client._send_task_text(self, text)
 
     def update(self, data: Any) -> None:
         """Send a progress update to the publisher (claims the task if needed).
@@ -88,8 +124,7 @@ class Task:
             )
         if p.too_deep(text, data):
             raise ValueError(f"update is nested more than {p.MAX_DEPTH} levels deep")
-        self._started = True
-        self._client._send_task_text(self, text)
+        self._send_claiming(text)
 
     def _check_running(self) -> None:
         if self._finished:
