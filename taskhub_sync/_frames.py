@@ -33,12 +33,17 @@ _PACK_64 = struct.Struct("!BBQ").pack
 
 
 class FrameError(Exception):
-    """The peer broke the framing rules; close the connection with ``code``."""
+    """The peer broke the framing rules; close the connection with ``code``.
+
+    ``frames`` holds the whole frames that came before the violation in the same
+    feed(): they are the peer's messages like any other.
+    """
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+        self.frames: list[tuple[int, bytes]] = []
 
 
 def encode_frame(opcode: int, payload: bytes, mask: bool = False) -> bytes:
@@ -126,9 +131,17 @@ class FrameReader:
         self._opcode: int | None = None  # opcode of the message being reassembled
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        try:
+            self._parse(data, out)
+        except FrameError as exc:
+            exc.frames = out
+            raise
+        return out
+
+    def _parse(self, data: bytes, out: list[tuple[int, bytes]]) -> None:
         buf = self._buf
         buf += data
-        out: list[tuple[int, bytes]] = []
         pos, end = 0, len(buf)
         while end - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
@@ -181,7 +194,6 @@ class FrameReader:
                 self._size += n
         if pos:
             del buf[:pos]
-        return out
 
     def _check(self, opcode: int, fin: bool, n: int) -> None:
         if opcode in _CONTROL_OPS:

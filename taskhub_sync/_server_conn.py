@@ -38,7 +38,7 @@ from ._frames import (
     parse_close,
 )
 from ._transport import StreamSocket
-from .auth import DUMMY_KEY
+from .auth import DUMMY_KEY, StoredKey
 from .errors import AuthenticationError, ProtocolError
 
 if TYPE_CHECKING:
@@ -249,16 +249,18 @@ class _Connection:
             raise _Closed(p.CLOSE_NORMAL, "peer closed the socket")
         return data
 
-    def _frames(self) -> list[tuple[int, bytes]]:
-        """The next batch of frames, in order (pings are answered here)."""
+    def _frames(self, data: bytes | None = None) -> tuple[list[tuple[int, bytes]], _Closed | None]:
+        """The frames in ``data`` (default: the next read), in order, and the framing
+        violation that came after them, if any. Pings are answered here."""
+        ending = None
         try:
-            frames = self.reader.feed(self._recv())
+            frames = self.reader.feed(self._recv() if data is None else data)
         except FrameError as exc:
-            raise _Closed(exc.code, exc.reason) from None
+            frames, ending = exc.frames, _Closed(exc.code, exc.reason)
         for opcode, payload in frames:
             if opcode == OP_PING:
                 self.send_now(encode_frame(OP_PONG, payload))
-        return frames
+        return frames, ending
 
     def _ending(self, opcode: int, payload: bytes) -> _Closed | None:
         """Why a non-text frame ends the connection (None for pings and pongs).
@@ -281,10 +283,10 @@ class _Connection:
         server = self.server
         registered = False
         try:
-            self._handshake(Deadline(server.auth_timeout))
+            frames, ending = self._handshake(Deadline(server.auth_timeout))
             registered = True
             server._count_authenticated()
-            self._serve()
+            self._serve(frames, ending)
         except _Closed as exc:
             level = (
                 logging.DEBUG
@@ -312,8 +314,10 @@ class _Connection:
                 pass
             server._forget(self, registered)
 
-    def _handshake(self, deadline: Deadline) -> None:
-        """Accept the WebSocket upgrade, then read and check hello. Bounded by deadline."""
+    def _handshake(self, deadline: Deadline) -> tuple[list[tuple[int, bytes]], _Closed | None]:
+        """Accept the WebSocket upgrade, then read and check hello. Bounded by deadline,
+        however the peer trickles its bytes. Returns the frames that came after the
+        hello in the same read, and the framing violation after them, if any."""
         if isinstance(self.sock, ssl.SSLSocket):
             self.sock.settimeout(deadline.remaining())
             try:
@@ -333,17 +337,27 @@ class _Connection:
             raise _Closed(p.CLOSE_NORMAL, "bad upgrade request")
         self.stream.sendall(ws.send(ev.AcceptConnection()))  # no extensions (LP-03)
         self.upgraded = True
-        frames = self.reader.feed(rest) if rest else []
+        frames, ending = self._frames(rest) if rest else ([], None)
         while True:
-            for opcode, payload in frames:
+            for i, (opcode, payload) in enumerate(frames):
                 if opcode == OP_TEXT:
-                    self._authenticate(payload)
-                    return
-                ending = self._ending(opcode, payload)
-                if ending is not None:
-                    raise ending
-            self.stream.settimeout(max(deadline.remaining() or 0.0, 0.001))
-            frames = self._frames()
+                    self._authenticate(payload, deadline)
+                    return frames[i + 1 :], ending
+                closing = self._ending(opcode, payload)
+                if closing is not None:
+                    raise closing
+            if ending is not None:
+                raise ending
+            self._wait_budget(deadline)
+            frames, ending = self._frames()
+
+    def _wait_budget(self, deadline: Deadline) -> None:
+        """Set the next read's timeout to what is left of ``deadline``; raise
+        TimeoutError if nothing is (a peer sending pings or a byte at a time must
+        not stretch the handshake)."""
+        if deadline.expired():
+            raise TimeoutError("handshake or authentication timed out")
+        self.stream.settimeout(max(deadline.remaining() or 0.0, 0.001))
 
     def _read_request(self, deadline: Deadline) -> tuple[bytes, bytes]:
         """The HTTP upgrade request, and whatever came after it."""
@@ -352,7 +366,7 @@ class _Connection:
             if len(data) > 16384:
                 self._reject_http("Request header too large")
                 raise _Closed(p.CLOSE_NORMAL, "request header too large")
-            self.stream.settimeout(max(deadline.remaining() or 0.0, 0.001))
+            self._wait_budget(deadline)
             data += self._recv()
         end = data.index(b"\r\n\r\n") + 4
         return data[:end], data[end:]
@@ -368,7 +382,18 @@ class _Connection:
         except OSError:
             pass
 
-    def _authenticate(self, text: bytes) -> None:
+    def _verify(self, stored: StoredKey, key: str, deadline: Deadline) -> bool:
+        """Check a key; hashed keys (16 MiB and ~50 ms of scrypt each) a few at a time."""
+        if not stored.hashed:
+            return stored.verify(key)
+        if not self.server._hash_checks.acquire(timeout=deadline.remaining() or 0.0):
+            raise _Closed(p.CLOSE_TRY_AGAIN_LATER, "too many authentications at once")
+        try:
+            return stored.verify(key)
+        finally:
+            self.server._hash_checks.release()
+
+    def _authenticate(self, text: bytes, deadline: Deadline) -> None:
         server = self.server
         try:
             hello = p.decode(text)
@@ -379,12 +404,17 @@ class _Connection:
         if hello.v != p.VERSION:
             raise _Closed(p.CLOSE_BAD_MESSAGE, f"unsupported protocol version {hello.v}")
         host = self.peer.rsplit(":", 1)[0]
-        if server._auth_limiter.blocked(host, time.monotonic()):
+        limiter = server._auth_limiter
+        if not limiter.begin(host, time.monotonic()):
             raise _Closed(p.CLOSE_TRY_AGAIN_LATER, "too many failed authentications from this host")
-        entry = server._credentials.get(hello.name)
-        stored = entry[0] if entry else DUMMY_KEY
-        if not stored.verify(hello.key) or entry is None:
-            server._auth_limiter.failed(host, time.monotonic())
+        ok = False
+        try:
+            entry = server._credentials.get(hello.name)
+            stored = entry[0] if entry else DUMMY_KEY
+            ok = self._verify(stored, hello.key, deadline) and entry is not None
+        finally:
+            limiter.end(host, time.monotonic(), ok)
+        if not ok or entry is None:
             logger.warning("authentication failed for %r from %s", hello.name[:100], self.peer)
             raise _Closed(p.CLOSE_AUTH_FAILED, "authentication failed: unknown name or wrong key")
         self.name = hello.name
@@ -404,8 +434,9 @@ class _Connection:
             " (resumed)" if resumed else "",
         )
 
-    def _serve(self) -> None:
-        """Read, decode and route messages until the connection ends.
+    def _serve(self, frames: list[tuple[int, bytes]], ending: _Closed | None) -> None:
+        """Read, decode and route messages until the connection ends, starting with
+        ``frames`` (what came with the hello) and the violation after them, if any.
 
         All messages that arrived together are routed under one acquisition of the
         router lock, and what they produce is written in one go per connection.
@@ -414,18 +445,8 @@ class _Connection:
         self.stream.settimeout(server.ping_interval)
         awaiting_pong = False
         while True:
-            try:
-                frames = self._frames()
-            except (TimeoutError, socket.timeout):
-                if awaiting_pong:
-                    raise _Closed(p.CLOSE_GOING_AWAY, "no heartbeat answer") from None
-                awaiting_pong = True
-                self.send_now(encode_frame(OP_PING, b"hb"))
-                continue
-            awaiting_pong = False
             # In arrival order: messages before a Close or a bad frame still count.
             messages = []
-            ending = None
             for opcode, payload in frames:
                 if opcode == OP_TEXT:
                     try:
@@ -434,8 +455,9 @@ class _Connection:
                         ending = _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {exc}")
                         break
                 else:
-                    ending = self._ending(opcode, payload)
-                    if ending is not None:
+                    closing = self._ending(opcode, payload)
+                    if closing is not None:
+                        ending = closing
                         break
             if messages:
                 error = server._route(self, messages)
@@ -443,26 +465,57 @@ class _Connection:
                     ending = _Closed(p.CLOSE_BAD_MESSAGE, f"protocol error: {error}")
             if ending is not None:
                 raise ending
+            try:
+                frames, ending = self._frames()
+            except (TimeoutError, socket.timeout):
+                if awaiting_pong:
+                    raise _Closed(p.CLOSE_GOING_AWAY, "no heartbeat answer") from None
+                awaiting_pong = True
+                self.send_now(encode_frame(OP_PING, b"hb"))
+                frames = []
+                continue
+            awaiting_pong = False
 
 
 class _FailureLimiter:
-    """Counts failures per key in a sliding window. Callers need no lock: each call
-    is a few dict/deque operations that the GIL keeps atomic enough for a limit."""
+    """Counts failed authentications per host in a sliding window, and the checks in
+    progress: a check that is running counts as a failure until it succeeds, so
+    parallel attempts cannot all slip in before the first failure is recorded."""
+
+    #: Hosts remembered at most (a spray of addresses must not grow it for ever).
+    MAX_HOSTS = 10_000
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
         self.window = window
+        self._lock = threading.Lock()
         self._failures: dict[str, deque[float]] = {}
+        self._checking: dict[str, int] = {}
 
-    def failed(self, key: str, now: float) -> None:
-        if len(self._failures) > 10_000:  # bound memory under a spray of addresses
-            self._failures = {
-                k: v for k, v in self._failures.items() if v and v[-1] > now - self.window
-            }
-        self._failures.setdefault(key, deque()).append(now)
+    def begin(self, key: str, now: float) -> bool:
+        """Start a check for ``key``; False if it is over the limit (then don't check)."""
+        with self._lock:
+            times = self._failures.get(key)
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if (len(times) if times else 0) + self._checking.get(key, 0) >= self.limit:
+                return False
+            self._checking[key] = self._checking.get(key, 0) + 1
+            return True
 
-    def blocked(self, key: str, now: float) -> bool:
-        times = self._failures.get(key)
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        return bool(times) and len(times) >= self.limit  # type: ignore[arg-type]
+    def end(self, key: str, now: float, ok: bool) -> None:
+        """Finish a check begun with begin(); a failed one is remembered for ``window``."""
+        with self._lock:
+            left = self._checking[key] - 1
+            if left:
+                self._checking[key] = left
+            else:
+                del self._checking[key]
+            if ok:
+                return
+            if key not in self._failures and len(self._failures) >= self.MAX_HOSTS:
+                cutoff = now - self.window
+                self._failures = {k: v for k, v in self._failures.items() if v and v[-1] > cutoff}
+                while len(self._failures) >= self.MAX_HOSTS:  # all recent: drop the oldest
+                    del self._failures[next(iter(self._failures))]
+            self._failures.setdefault(key, deque()).append(now)

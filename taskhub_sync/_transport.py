@@ -185,6 +185,7 @@ class Link:
         self.backlog: list[tuple[int, bytes]] = []  # frames read before the reader ran
         self._reader = FrameReader(_MAX_INCOMING, masked=False)
         self._send_lock = threading.Lock()  # whole frames, never interleaved
+        self._error: ProtocolError | None = None  # a violation after frames returned
 
     def send_text(self, text: str) -> None:
         self.write(encode_frame(OP_TEXT, text.encode("ascii"), mask=True))
@@ -206,13 +207,19 @@ class Link:
         if self.backlog:
             frames, self.backlog = self.backlog, []
             return frames
+        if self._error is not None:
+            raise self._error
         data = self.stream.recv_some()
         if not data:
             raise ConnectionLost("the hub closed the socket")
         try:
             return self._reader.feed(data)
         except FrameError as exc:
-            raise ProtocolError(f"bad frame from the hub: {exc.reason}") from None
+            error = ProtocolError(f"bad frame from the hub: {exc.reason}")
+            if not exc.frames:
+                raise error from None
+            self._error = error  # the frames before it first, then this
+            return exc.frames
 
     def settimeout(self, timeout: float | None) -> None:
         self.stream.settimeout(timeout)

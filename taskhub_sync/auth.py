@@ -65,6 +65,11 @@ class StoredKey:
         self._plain = None if key is None else key.encode()
         self._hash = key_hash
 
+    @property
+    def hashed(self) -> bool:
+        """True for a key kept as a scrypt hash (slow to check, on purpose)."""
+        return self._hash is not None
+
     def verify(self, key: str) -> bool:
         """True if ``key`` is this key. Takes the same time for any wrong key."""
         if self._plain is not None:

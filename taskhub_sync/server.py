@@ -36,6 +36,9 @@ from .topics import validate_permission
 
 logger = logging.getLogger(__name__)
 
+#: Hashed keys checked at once (scrypt: 16 MiB and ~50 ms each); others wait.
+MAX_HASH_CHECKS = 4
+
 
 class Server:
     """The task hub: a WebSocket server routing tasks between services.
@@ -113,6 +116,7 @@ class Server:
         self.resume_grace = float(resume_grace)
         self.max_handshakes = int(max_handshakes)
         self._auth_limiter = _FailureLimiter(auth_failure_limit, window=60.0)
+        self._hash_checks = threading.BoundedSemaphore(MAX_HASH_CHECKS)
         self._credentials: dict[str, tuple[StoredKey, Credential]] = {}
 
         self._lock = threading.Lock()  # guards _router, _conns, _timer_target

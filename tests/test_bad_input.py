@@ -202,6 +202,91 @@ def test_slow_loris_hello_closed_with_4003(h, good):
     good.ok()
 
 
+def test_pings_without_a_hello_closed_at_auth_timeout(h, good):
+    """A peer that keeps sending pings (so every read gets data) but never a hello is
+    still closed with 4003 at auth_timeout."""
+    sock = good.upgraded()
+    stop = threading.Event()
+
+    def chatter():
+        try:
+            while not stop.wait(0.0005):  # pacing of the attack, not a synchronization
+                sock.sendall(ws_frame(0x9, b"p"))
+        except OSError:
+            pass
+
+    t0 = time.monotonic()
+    h.thread(chatter, stop.set)
+    good.ok()
+    code, reason = read_close(sock)
+    assert code == 4003 and "timed out" in reason
+    assert time.monotonic() - t0 < AUTH_TIMEOUT + 1.0
+    stop.set()
+    good.ok()
+
+
+def test_frames_in_the_same_read_as_the_hello_are_served(h, good):
+    """hello and a sub written together: the sub is answered after the welcome."""
+    sock = good.upgraded()
+    hello = ws_frame(OP_TEXT, hello_text("other").encode())
+    sub = ws_frame(OP_TEXT, b'{"type":"sub","id":7,"pattern":"x"}')
+    sock.sendall(hello + sub)
+    assert json.loads(read_frame(sock)[1])["type"] == "welcome"
+    assert json.loads(read_frame(sock)[1]) == {"type": "reply", "id": 7}
+    good.ok()
+
+
+@pytest.mark.parametrize(
+    "after",
+    [ws_frame(0x2, b"bin"), b"\xff\xff", ws_frame(OP_TEXT, b"not json")],
+    ids=["binary", "garbage", "not-json"],
+)
+def test_bad_input_in_the_same_read_as_the_hello_is_closed(h, good, after):
+    """What follows the hello in the same write is checked like anything else."""
+    sock = good.upgraded()
+    sock.sendall(ws_frame(OP_TEXT, hello_text("other").encode()) + after)
+    assert json.loads(read_frame(sock)[1])["type"] == "welcome"
+    code, reason = read_close(sock)
+    assert code in {1002, 4000} and reason
+    good.ok()
+
+
+def test_bad_frame_in_the_same_packet_as_the_upgrade_gets_its_reason(h, good):
+    """A frame with reserved bits right behind the upgrade request: 1002 with the
+    reason (not 1011, internal error); a ping before it is answered."""
+    with LogWatcher() as logs:
+        sock = h.tcp(good.hub)
+        bad = bytes([0x81 | 0x40, 0x80, 0, 0, 0, 0])
+        sock.sendall(upgrade_request(good.hub.port) + ws_frame(0x9, b"p") + bad)
+        reply = read_until_eof(sock)
+    head, _, frames = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    pong, close = b"\x8a\x01p", frames[3:]
+    assert frames[:3] == pong
+    code, reason = struct.unpack("!H", close[2:4])[0], close[4:].decode()
+    assert close[0] == 0x88 and code == 1002 and "reserved" in reason
+    assert not [r for r in logs.records if "crashed" in r.getMessage()]
+    good.ok()
+
+
+def test_messages_before_a_bad_frame_are_routed(h, good):
+    """A result and then a frame announcing 1 GB, in one write: the hub closes with
+    1009, and the result it had already received still reaches the publisher."""
+    hub = good.hub
+    sock = good.authenticated()  # service "other", may listen to anything
+    sock.sendall(ws_frame(OP_TEXT, b'{"type":"sub","id":1,"pattern":"solo"}'))
+    assert json.loads(read_frame(sock)[1]) == {"type": "reply", "id": 1}
+    handle = good.publisher.pub("solo", 41)
+    task = json.loads(read_frame(sock)[1])
+    assert task["type"] == "task"
+    result = json.dumps({"type": "result", "task": task["task"], "result": 42}).encode()
+    sock.sendall(ws_frame(OP_TEXT, result) + ws_frame(OP_TEXT, b"", length=1 << 30))
+    assert read_close(sock)[0] == 1009
+    assert handle.get_result(timeout=WAIT) == 42
+    assert hub.pending_tasks() == 0
+    good.ok()
+
+
 # ----------------------------------------------------------------- after the upgrade
 
 

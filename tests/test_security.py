@@ -226,6 +226,41 @@ def test_failed_auths_rate_limited_per_host(h):
         h.client(hub, "pub", reconnect=False)
 
 
+def test_parallel_wrong_keys_are_rate_limited_like_serial_ones(h):
+    """Failed logins racing each other (each a slow scrypt check) still stop at
+    auth_failure_limit: a check in progress counts until it succeeds."""
+    hub = h.hub(auth_failure_limit=3, auth_timeout=WAIT)
+    hub.add_credential("hashed", key_hash=hash_key("the-right-key"), pub_permissions=["*"])
+    codes: list[int | None] = []
+    lock = threading.Lock()
+    go = threading.Barrier(12)
+
+    def attempt():
+        sock = socket.create_connection(("127.0.0.1", hub.port), timeout=WAIT)
+        try:
+            sock.sendall(upgrade_request(hub.port))
+            assert read_http_head(sock).startswith(b"HTTP/1.1 101")
+            go.wait(WAIT)
+            sock.sendall(ws_frame(0x1, hello_text("hashed", "a-wrong-key").encode()))
+            data = b""
+            while len(data) < 4:
+                chunk = sock.recv(64)
+                if not chunk:
+                    break
+                data += chunk
+            with lock:
+                codes.append(int.from_bytes(data[2:4], "big") if data[:1] == b"\x88" else None)
+        finally:
+            sock.close()
+
+    threads = [threading.Thread(target=attempt) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT * 2)
+    assert sorted(codes) == [p.CLOSE_TRY_AGAIN_LATER] * 9 + [p.CLOSE_AUTH_FAILED] * 3, codes
+
+
 # ----------------------------------------------------------------- strangers
 
 
