@@ -443,18 +443,25 @@ _TYPES: Mapping[str, type[Any]] = {
 }
 
 
-#: Deepest nesting of arrays and objects accepted in a message (encoding the
-#: messages it is forwarded in must never run out of recursion).
+#: Deepest nesting of arrays and objects accepted in a payload, update or result
+#: (encoding the messages it is forwarded in must never run out of recursion).
 MAX_DEPTH = 200
 
+#: Levels a message wraps its payload, update or result in: ``{"result": V}`` is one
+#: level more than V; a done message holds each result 3 deep
+#: (``{"outcomes": {service: {"result": V}}}``). decode() allows MAX_DEPTH plus these,
+#: so a value within MAX_DEPTH passes every message it travels in.
+_WRAPPING = {"done": 3}
 
-def too_deep(text: str, value: Any) -> bool:
-    """True if ``value`` (whose JSON is ``text``) nests deeper than MAX_DEPTH.
+
+def too_deep(text: str, value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True if ``value`` (whose JSON is ``text``, or a message holding it) nests
+    deeper than ``limit``.
 
     Cheap for every real message: with few brackets in the text there is nothing
     to measure.
     """
-    return text.count("[") + text.count("{") > MAX_DEPTH and _depth(value) > MAX_DEPTH
+    return text.count("[") + text.count("{") > limit and _depth(value) > limit
 
 
 def _depth(value: Any) -> int:
@@ -518,12 +525,12 @@ def decode(text: str | bytes) -> Message:
         raise ProtocolError(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("a message must be a JSON object")
-    if too_deep(text, obj):
-        raise ProtocolError(f"values nested more than {MAX_DEPTH} levels deep")
     kind = obj.get("type")
     cls = _TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {obj.get('type')!r}")
+    if too_deep(text, obj, MAX_DEPTH + _WRAPPING.get(cls.TYPE, 1)):
+        raise ProtocolError(f"values nested more than {MAX_DEPTH} levels deep")
     values = {}
     for name, kind, required in cls.FIELDS:
         if name not in obj:
