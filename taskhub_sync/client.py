@@ -200,6 +200,7 @@ class Client:
         self._pool = _HandlerPool(max_workers, self._run_handler)
         self._forked = False  # set in a child process that inherited this client
         self._claims: deque[Task] = deque()  # tasks by claim deadline (reader thread)
+        self._resume = True  # resume the session on reconnect (reader thread)
 
         link, welcome = self._first_connect(wait_for_hub)
         self._link = link
@@ -235,25 +236,33 @@ class Client:
         topics.validate_topic(topic)
         if timeout is not None:
             timeout = config.check_seconds("timeout", timeout, maximum=config.MAX_TASK_TIMEOUT)
-        self._wait_connected()
-        task_id = f"{self.session}.{next(self._ids)}"
-        text = p.encode(p.Publish(task_id, topic, payload, timeout))
-        if p.too_deep(text, payload):
-            raise ValueError(f"payload is nested more than {p.MAX_DEPTH} levels deep")
-        handle = TaskHandle(task_id, topic, self._reader)
-        if len(text) > self.max_message_size:  # ASCII: characters are bytes
-            error = PayloadTooLarge(
-                f"payload of task on {topic!r} is over the hub's max_message_size "
-                f"({self.max_message_size} bytes)",
-                task_id=task_id,
-                topic=topic,
-            )
-            handle._complete(None, error, {})
-            return handle
-        with self._lock:
-            self._check_open()
-            self._handles[task_id] = handle
-            link = self._link
+        for _ in range(3):
+            self._wait_connected()
+            session = self.session
+            task_id = f"{session}.{next(self._ids)}"
+            text = p.encode(p.Publish(task_id, topic, payload, timeout))
+            if p.too_deep(text, payload):
+                raise ValueError(f"payload is nested more than {p.MAX_DEPTH} levels deep")
+            handle = TaskHandle(task_id, topic, self._reader)
+            if len(text) > self.max_message_size:  # ASCII: characters are bytes
+                error = PayloadTooLarge(
+                    f"payload of task on {topic!r} is over the hub's max_message_size "
+                    f"({self.max_message_size} bytes)",
+                    task_id=task_id,
+                    topic=topic,
+                )
+                handle._complete(None, error, {})
+                return handle
+            with self._lock:
+                self._check_open()
+                # The session and its link change together, under this lock: a task
+                # id is only sent on a connection of the session it names.
+                if self.session == session:
+                    self._handles[task_id] = handle
+                    link = self._link
+                    break
+        else:
+            raise ConnectionLost(f"cannot publish: the connection to {self.url} keeps changing")
         try:
             link.send_text(text)
         except OSError as exc:
@@ -497,7 +506,8 @@ class Client:
             if self._stop.wait(delay):
                 return False
             try:
-                link, welcome = self._connect(self.session, Deadline(self.open_timeout))
+                session = self.session if self._resume else None
+                link, welcome = self._connect(session, Deadline(self.open_timeout))
             except TryAgainLater as exc:
                 # E.g. the hub still counts our dropped connection: retry.
                 logger.info("reconnect attempt %d: %s", attempt + 1, exc)
@@ -521,15 +531,19 @@ class Client:
                     link.drop()
                     return False
                 self._link = link
+                self._apply_welcome(welcome)
                 patterns = list(self._handlers)
-            self._apply_welcome(welcome)
-            if not welcome.resumed:
-                self._fail_handles(
-                    ConnectionLost(
-                        "the hub did not keep this client's session (restarted, or the "
-                        "drop outlasted its resume grace)"
-                    )
-                )
+                stale = [] if welcome.resumed else list(self._handles.values())
+                if stale:
+                    self._handles.clear()  # of the old session: newer ones are kept
+            self._resume = True
+            lost = ConnectionLost(
+                "the hub did not keep this client's session (restarted, or the "
+                "drop outlasted its resume grace)"
+            )
+            for handle in stale:
+                if not handle.done():
+                    handle._complete(None, lost, {})
             for pattern in patterns:
                 request_id = next(self._ids)
                 with self._lock:
@@ -555,6 +569,13 @@ class Client:
                 self._on_drop(error)
                 if isinstance(error, AuthenticationError) or not self.reconnect:
                     return
+                if isinstance(error, ProtocolError):
+                    # The hub sent what we cannot read: resuming would replay it for
+                    # ever. Start a new session; what was pending fails, clearly.
+                    self._fail_handles(
+                        ConnectionLost(f"the hub sent a message this client cannot read: {error}")
+                    )
+                    self._resume = False
                 if not self._reconnect():
                     return
         except Exception as exc:  # a bug of ours: don't hide it, don't hang the user

@@ -75,6 +75,100 @@ def test_deeply_nested_values_fail_their_task_not_the_connection(h):
         publisher.pub("echo", deep)
 
 
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("extra", [0, -1, -2, -3])
+def test_values_at_the_depth_limit_travel_in_every_message(h, extra):
+    """A payload, update and result nested exactly MAX_DEPTH deep (or a little less)
+    pass every message they travel in: pub, task, update and done."""
+    hub = h.hub()
+    deep = _nested(p.MAX_DEPTH + extra)
+
+    def handler(task):
+        task.update(task.payload)
+        return task.payload
+
+    worker = h.client(hub, "work")
+    worker.sub("deep", handler)
+    publisher = h.client(hub, "pub")
+    handle = publisher.pub("deep", deep)
+    assert handle.get_result(timeout=WAIT) == deep
+    assert handle.updates == [deep]
+
+
+def test_values_past_the_depth_limit_fail_at_the_sender(h):
+    """One level past MAX_DEPTH: pub() and update() raise at once, and a result fails
+    its task; no connection is closed."""
+    hub = h.hub()
+    deeper = _nested(p.MAX_DEPTH + 1)
+    raised: list = []
+
+    def updater(task):
+        try:
+            task.update(deeper)
+        except ValueError as exc:
+            raised.append(exc)
+        return "survived"
+
+    worker = h.client(hub, "work")
+    worker.sub("update", updater)
+    worker.sub("result", lambda task: deeper)
+    publisher = h.client(hub, "pub")
+    with pytest.raises(ValueError, match="nested"):
+        publisher.pub("update", deeper)
+    assert publisher.pub("update").get_result(timeout=WAIT) == "survived"
+    assert raised and "nested" in str(raised[0])
+    with pytest.raises(TaskFailed, match="nested"):
+        publisher.pub("result").get_result(timeout=WAIT)
+    assert publisher.pub("update").get_result(timeout=WAIT) == "survived"
+    assert worker.connected and publisher.connected
+
+
+def test_unreadable_message_from_the_hub_starts_a_new_session(h, monkeypatch):
+    """A hub message the client cannot read fails the pending handle with
+    ConnectionLost; the client reconnects with a new session (resuming would replay
+    the same message) and works on."""
+    from taskhub_sync import _server_conn
+
+    encode = _server_conn._encode_safely
+    garbled = threading.Event()
+
+    def garble_first_update(message):
+        if isinstance(message, p.Update) and not garbled.is_set():
+            garbled.set()
+            return '{"type": "no-such-type"}'
+        return encode(message)
+
+    monkeypatch.setattr(_server_conn, "_encode_safely", garble_first_update)
+    hub = h.hub()
+    release = threading.Event()
+    h.thread(lambda: None, stop=release.set)
+
+    def progress(task):
+        task.start()
+        task.update(1)
+        release.wait(WAIT)
+        return "late"
+
+    worker = h.client(hub, "work")
+    worker.sub("progress", progress)
+    worker.sub("echo", lambda task: task.payload)
+    publisher = h.client(hub, "pub")
+    old_session = publisher.session
+    handle = publisher.pub("progress")
+    with pytest.raises(ConnectionLost, match="cannot read"):
+        handle.get_result(timeout=WAIT)
+    assert garbled.is_set()
+    release.set()
+    assert publisher.pub("echo", 5).get_result(timeout=WAIT) == 5
+    assert publisher.session != old_session
+
+
 def test_handler_raising_system_exit_still_answers_and_keeps_serving(h):
     """SystemExit in a handler fails that task; with max_workers=1 the next task runs."""
     hub = h.hub()
