@@ -8,7 +8,6 @@ in-process.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import getpass
 import json
@@ -18,10 +17,12 @@ import secrets
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Callable, TextIO
 
 from . import __version__, config
+from ._signals import Guard, interrupt_once
 from .client import Client
 from .config_file import ConfigError, CredentialConfig, HubConfig, build_server, load_config
 from .errors import (
@@ -121,36 +122,17 @@ def setup_logging(verbose: int, *, quiet_default: bool) -> None:
     )
 
 
-class _Terminate(KeyboardInterrupt):
-    """SIGTERM, delivered like Ctrl-C so that the same clean shutdown runs."""
-
-
-@contextlib.contextmanager
-def signals_as_interrupt() -> Iterator[None]:
+def signals_as_interrupt() -> AbstractContextManager[Guard]:
     """Within the block, SIGTERM and SIGINT raise KeyboardInterrupt, once.
 
     After the first signal both are ignored, so a second one cannot break the
-    shutdown it started. The previous handlers come back on exit. Outside the main
-    thread (tests calling main() from a thread) nothing changes.
-
-    Yields:
-        None.
+    shutdown it started, and they stay ignored after the block: the process is on
+    its way out, and a late SIGTERM must not turn a clean exit into death by signal.
+    Outside the main thread (tests calling main() from a thread) nothing changes.
     """
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_signal(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise _Terminate(signal.Signals(signum).name)
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        return interrupt_once(())
+    return interrupt_once([signal.SIGTERM, signal.SIGINT], restore_after_signal=False)
 
 
 def stop_on_stdin_eof() -> None:

@@ -42,7 +42,7 @@ from ._frames import (
     encode_frame,
     parse_close,
 )
-from ._signals import interrupt_on
+from ._signals import interrupt_once
 from ._transport import Link
 from .errors import (
     AuthenticationError,
@@ -333,14 +333,15 @@ class Client:
             InvalidState: In a child process that inherited the client by fork().
         """
         self._check_process()
-        try:
-            with interrupt_on(stop_signals):
+        with interrupt_once(stop_signals) as signals:
+            try:
                 while not self._ended.wait(3600):
                     pass
-        except KeyboardInterrupt:
-            logger.info("interrupted")
-            self.close()
-            return
+            except KeyboardInterrupt:
+                logger.info("interrupted")
+                signals.mute()  # a second Ctrl-C must not cut close() short
+                self.close()
+                return
         if self._lost is not None and not self._closing:
             if isinstance(self._lost, AuthenticationError):
                 raise self._lost

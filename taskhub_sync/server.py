@@ -28,7 +28,7 @@ from . import config
 from . import protocol as p
 from ._deadline import Deadline
 from ._server_conn import _Closed, _Connection, _FailureLimiter
-from ._signals import interrupt_on
+from ._signals import interrupt_once
 from .auth import StoredKey
 from .errors import ProtocolError
 from .router import Credential, Outgoing, Router
@@ -235,14 +235,17 @@ class Server:
         """
         if self._listener is None:
             self.start()
-        try:
-            with interrupt_on(stop_signals):
+        with interrupt_once(stop_signals) as signals:
+            try:
                 while not self._stopped.wait(3600):
                     pass
-        except KeyboardInterrupt:
-            logger.info("interrupted")
-        finally:
-            self.stop()
+            except KeyboardInterrupt:
+                logger.info("interrupted")
+            finally:
+                try:
+                    signals.mute()  # a second Ctrl-C must not cut the shutdown short
+                finally:
+                    self.stop()
 
     def stop(self, timeout: float = config.DEFAULT_CLOSE_TIMEOUT) -> None:
         """Stop accepting, fail pending tasks, close every connection with 1001 and

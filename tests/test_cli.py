@@ -320,7 +320,8 @@ def _url_of(proc: ManagedProcess) -> str:
 def test_serve_default_config_prints_how_to_connect_and_stops_on_signal(
     serve_proc: list[ManagedProcess], sig: signal.Signals, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """serve without a file prints URL and working keys; SIGTERM/SIGINT exit 0 promptly."""
+    """serve without a file prints URL and working keys; SIGTERM/SIGINT (even twice) exit 0
+    promptly."""
     proc = _serve("--port", "0")
     serve_proc.append(proc)
     url = _url_of(proc)
@@ -332,6 +333,7 @@ def test_serve_default_config_prints_how_to_connect_and_stops_on_signal(
     # The printed key works (NoSubscribers, not AuthenticationError).
     assert main(["pub", "nobody:here", "{}", "--url", url, "--key", key]) == EXIT_NO_SUBSCRIBERS
     proc.proc.send_signal(sig)
+    proc.proc.send_signal(sig)  # a second one (Ctrl-C twice, `timeout` signalling a group)
     assert proc.wait(10) == 0
     assert "Traceback" not in "\n".join(proc.stderr_tail)
 

@@ -204,6 +204,79 @@ def test_run_forever_stops_cleanly_on_sigterm(hub):
             proc.wait(WAIT)
 
 
+SECOND_SIGNAL_SCRIPT = textwrap.dedent(
+    """
+    import signal, sys
+    from taskhub_sync import Client, Server
+
+    kind, sig = sys.argv[1], signal.Signals[sys.argv[2]]
+    stop_signals = [sig] if sig != signal.SIGINT else []  # Ctrl-C works without asking
+
+    def in_the_middle():  # the test sends the second signal now, then lets us go on
+        print("stopping", flush=True)
+        assert sys.stdin.readline() == "go\\n"
+
+    if kind == "hub":
+        class Hub(Server):
+            def stop(self, timeout=5.0):
+                if not self.stopping:
+                    in_the_middle()
+                super().stop(timeout)
+
+        hub = Hub("127.0.0.1", 0)
+        hub.start()
+        print("ready", flush=True)
+        hub.serve_forever(stop_signals=stop_signals)
+    else:
+        class Worker(Client):
+            def close(self):
+                in_the_middle()
+                super().close()
+
+        hub = Server("127.0.0.1", 0)
+        hub.add_credential("w", key="worker-key", sub_permissions=["*"])
+        hub.start()
+        client = Worker(hub.url, name="w", key="worker-key")
+        print("ready", flush=True)
+        client.run_forever(stop_signals=stop_signals)
+        hub.stop()
+    print("stopped cleanly", flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("kind", ["hub", "worker"])
+def test_second_signal_does_not_cut_the_shutdown_short(kind, sig):
+    """serve_forever()/run_forever(): a second Ctrl-C or SIGTERM while the first one's
+    shutdown runs is ignored; the process still exits 0 after a clean stop."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SECOND_SIGNAL_SCRIPT, kind, sig],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(getattr(signal, sig))
+        assert proc.stdout.readline().strip() == "stopping"
+        proc.send_signal(getattr(signal, sig))  # lands in the middle of the shutdown
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=WAIT * 2)
+        assert "Traceback" not in err, err
+        assert proc.returncode == 0
+        assert "stopped cleanly" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(WAIT)
+
+
 def test_wait_for_hub_keeps_trying_for_the_whole_wait():
     """With nothing listening, Client(wait_for_hub=S) gives up after S seconds, not a
     backoff step earlier."""
