@@ -293,7 +293,8 @@ class _Connection:
                 if exc.code in (p.CLOSE_NORMAL, p.CLOSE_GOING_AWAY)
                 else logging.WARNING
             )
-            logger.log(level, "closing %s (%s): %s", self.peer, self.name, exc.reason)
+            who = self.peer if self.name is None else f"{self.peer} ({self.name})"
+            logger.log(level, "closing %s: %s", who, exc.reason)
             self.close(exc.code, exc.reason)
         except (TimeoutError, socket.timeout):
             self.close(p.CLOSE_AUTH_TIMEOUT, "handshake or authentication timed out")

@@ -92,6 +92,7 @@ class _Task:
     publisher_service: str
     start_deadline: float  # queued recipients wait for a free slot until then
     finish_deadline: float
+    finish_timeout: float  # seconds, for messages
     recipients: dict[str, _Recipient] = field(default_factory=dict)  # by service
     open: int = 0  # recipients without an outcome
     winner: str | None = None
@@ -444,6 +445,7 @@ class Router:
             cred.name,
             start_deadline=now + self.task_start_timeout,
             finish_deadline=now + finish,
+            finish_timeout=finish,
         )
         self._tasks[task_id] = task
         conn.published.add(task_id)
@@ -672,7 +674,8 @@ class Router:
             out.append(Outgoing(r.conn_id, p.Cancel(task.id, "timed out")))  # type: ignore[arg-type]
             error = p.ErrorInfo(
                 "timeout",
-                f"service {r.service!r} did not finish task {task.id} in time",
+                f"service {r.service!r} did not finish task {task.id} within its "
+                f"finish timeout ({task.finish_timeout:g} s)",
                 service=r.service,
             )
             self._settle(r, p.Outcome(p.TIMEOUT, error=error), out)

@@ -290,7 +290,7 @@ def test_per_task_finish_timeout(hub, make_client):
     publisher = make_client("publisher")
     t0 = time.monotonic()
     handle = publisher.pub("googlemaps:geocode", {}, timeout=0.3)
-    with pytest.raises(TaskTimeout):
+    with pytest.raises(TaskTimeout, match=r"'geocoder' .* finish timeout \(0\.3 s\)"):
         handle.get_result(timeout=WAIT)
     elapsed = time.monotonic() - t0
     assert 0.25 <= elapsed < 2.0

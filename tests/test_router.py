@@ -54,9 +54,12 @@ def failed(service: str, error_type: str = "ValueError", message: str = "bad") -
     return ErrorInfo("failed", f"{error_type}: {message}", service=service, remote_type=error_type)
 
 
-def timed_out(service: str, task_id: str = "t1") -> ErrorInfo:
+def timed_out(service: str, task_id: str = "t1", timeout: float = FINISH) -> ErrorInfo:
     return ErrorInfo(
-        "timeout", f"service {service!r} did not finish task {task_id} in time", service=service
+        "timeout",
+        f"service {service!r} did not finish task {task_id} within its finish timeout "
+        f"({timeout:g} s)",
+        service=service,
     )
 
 
@@ -634,7 +637,7 @@ def test_per_task_timeout_overrides_default(one: Router) -> None:
     assert one.expire(2.9) == []
     out = one.expire(3.0)
     assert out[0] == Outgoing("s1#1", Cancel("t1", "timed out"))
-    assert out[1].message.error == timed_out("s1")
+    assert out[1].message.error == timed_out("s1", timeout=3.0)
 
 
 def test_per_task_timeout_longer_than_default(one: Router) -> None:
@@ -655,7 +658,12 @@ def test_timeout_before_window_times_out_delivered_and_queued(router: Router) ->
     assert out[:2] == [
         Outgoing("s#1", Cancel("t1", "timed out")),
         Outgoing(
-            "pub", Done("t1", {"s": Outcome(p.TIMEOUT, error=timed_out("s"))}, error=timed_out("s"))
+            "pub",
+            Done(
+                "t1",
+                {"s": Outcome(p.TIMEOUT, error=timed_out("s", timeout=0.5))},
+                error=timed_out("s", timeout=0.5),
+            ),
         ),
     ]
     assert out[2].message.task == "t2" and out[2].message.outcomes == {"s": Outcome(p.BUSY)}
