@@ -496,16 +496,18 @@ class Client:
         """Reconnect with backoff until it works (True), or close()/give up (False)."""
         first, cap = self.reconnect_delay
         give_up = Deadline(self.reconnect_timeout)
-        dropped_at = time.monotonic()
+        grace_end = time.monotonic() + self.resume_grace  # the hub keeps our tasks that long
         for attempt in itertools.count():
-            # The hub keeps our published tasks resume_grace seconds, no longer.
-            if self._handles and time.monotonic() - dropped_at >= self.resume_grace:
+            delay = min(cap, first * 2**attempt) * random.uniform(0.5, 1.0)
+            left = grace_end - time.monotonic()
+            if self._handles and left > 0:
+                delay = min(delay, left)  # wake up in time to fail them
+            if self._stop.wait(delay):
+                return False
+            if self._handles and time.monotonic() >= grace_end:
                 self._fail_handles(
                     ConnectionLost(f"not reconnected to {self.url} within the hub's resume grace")
                 )
-            delay = min(cap, first * 2**attempt) * random.uniform(0.5, 1.0)
-            if self._stop.wait(delay):
-                return False
             try:
                 session = self.session if self._resume else None
                 link, welcome = self._connect(session, Deadline(self.open_timeout))

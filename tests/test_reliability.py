@@ -362,6 +362,21 @@ def test_clients_ride_over_a_hub_crash_and_restart(h):
     assert publisher.pub("job", {"x": 2}).get_result(timeout=WAIT) == {"x": 2}
 
 
+def test_pending_handle_fails_when_the_resume_grace_ends_not_a_backoff_step_later(h):
+    """Hub killed for good: a pending handle fails with ConnectionLost once the hub's
+    resume grace is over, even while the client's backoff waits longer between tries."""
+    hub = h.hub_proc(resume_grace=0.5)
+    worker = h.worker_proc(hub.url, "work", "job")
+    publisher = h.client(hub.url, "pub", reconnect_delay=(30.0, 30.0))
+    handle = publisher.pub("job", {"mode": "hang"})
+    worker.expect("STARTED")
+    hub.kill()
+    t0 = time.monotonic()
+    error = handle.exception(timeout=WAIT)
+    assert isinstance(error, ConnectionLost) and "resume grace" in str(error), error
+    assert time.monotonic() - t0 < 0.5 + 2.0  # the grace plus scheduling slack; not 30 s
+
+
 def test_graceful_hub_restart_fails_pending_and_clients_come_back(h):
     """hub.stop() then a new hub on the same port: pending handles fail with
     ConnectionLost, clients reconnect, resubscribe and work."""
