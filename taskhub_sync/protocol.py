@@ -186,6 +186,9 @@ class _Message:
     # (field name, checker, required). A checker is a type or a function(value, name).
     FIELDS: ClassVar[tuple[tuple[str, Any, bool], ...]]
 
+    def _check_fields(self) -> None:
+        """Checks across fields, after each field's own (decode() calls it)."""
+
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.TYPE}
         for name, _, required in self.FIELDS:
@@ -406,6 +409,10 @@ class Done(_Message):
         """The winner's result, or None."""
         return None if self.winner is None else self.outcomes[self.winner].result
 
+    def _check_fields(self) -> None:
+        if self.winner is not None and self.winner not in self.outcomes:
+            raise ProtocolError(f"'done' names winner {self.winner!r} among no outcomes")
+
 
 Message = Union[
     Hello,
@@ -543,4 +550,5 @@ def decode(text: str | bytes) -> Message:
     # to the class defaults.
     message = object.__new__(cls)
     message.__dict__.update(values)
+    message._check_fields()
     return message  # type: ignore[no-any-return]

@@ -239,6 +239,7 @@ WRONG_TYPES = [
     (p.Done("t", {}), "outcomes", {"s": {}}),
     (p.Done("t", {}), "outcomes", {"s": {"status": "failed", "error": "x"}}),
     (p.Done("t", {}), "winner", 1),
+    (p.Done("t", {}), "winner", "ghost"),  # names no outcome
     (p.Done("t", {}), "error", []),
 ]
 
