@@ -206,11 +206,21 @@ def test_run_forever_stops_cleanly_on_sigterm(hub):
 
 SECOND_SIGNAL_SCRIPT = textwrap.dedent(
     """
-    import signal, sys
+    import signal, sys, threading, time
     from taskhub_sync import Client, Server
 
     kind, sig = sys.argv[1], signal.Signals[sys.argv[2]]
     stop_signals = [sig] if sig != signal.SIGINT else []  # Ctrl-C works without asking
+
+    original = signal.getsignal(sig)
+
+    def announce():  # "ready" once the blocking call has its handler in place
+        deadline = time.monotonic() + 5
+        while signal.getsignal(sig) is original and time.monotonic() < deadline:
+            threading.Event().wait(0.005)
+        print("ready", flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
 
     def in_the_middle():  # the test sends the second signal now, then lets us go on
         print("stopping", flush=True)
@@ -225,7 +235,6 @@ SECOND_SIGNAL_SCRIPT = textwrap.dedent(
 
         hub = Hub("127.0.0.1", 0)
         hub.start()
-        print("ready", flush=True)
         hub.serve_forever(stop_signals=stop_signals)
     else:
         class Worker(Client):
@@ -237,7 +246,6 @@ SECOND_SIGNAL_SCRIPT = textwrap.dedent(
         hub.add_credential("w", key="worker-key", sub_permissions=["*"])
         hub.start()
         client = Worker(hub.url, name="w", key="worker-key")
-        print("ready", flush=True)
         client.run_forever(stop_signals=stop_signals)
         hub.stop()
     print("stopped cleanly", flush=True)
