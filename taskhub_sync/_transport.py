@@ -6,16 +6,19 @@ disconnects over wss). So for TLS every read and write takes one lock, and the
 reader waits for data with poll() *without* the lock, so a reader waiting on an
 idle connection never holds a writer up.
 
-Two modes. Blocking (the client): ``sendall`` writes everything (never a bare
-``send``, which may write part of a frame: PITFALLS LP-01) and reads honor the
-socket timeout. Non-blocking writes (the hub, after the upgrade): ``send_some``
-writes what fits and returns at once, so no thread routing a message ever waits
-for a slow reader, while ``recv_some`` still waits up to the timeout set by
-``settimeout``. On plain TCP that costs nothing extra: the socket stays blocking,
-reads time out through SO_RCVTIMEO and writes pass MSG_DONTWAIT, one system call
-each. TLS has no per-call flags, so there the socket is non-blocking and reads wait
-in poll(). Reads are buffered: one ``recv`` of up to 64 KiB serves all the small
-reads websocket-client makes during the upgrade.
+Two modes. Blocking (during the upgrade): ``sendall`` writes everything (never a
+bare ``send``, which may write part of a frame: PITFALLS LP-01) and reads and
+writes honor the socket timeout. Split (hub and client, after the upgrade): reads
+and writes have timeouts of their own, so the reader's short waits never cut a
+writer's ``sendall`` short. ``recv_some`` waits up to the timeout set by
+``settimeout``; ``send_some`` (the hub) writes what fits and returns at once, so no
+thread routing a message ever waits for a slow reader; ``sendall`` (the client)
+writes everything within ``write_timeout``. On plain TCP that costs nothing extra:
+the socket stays blocking, reads time out through SO_RCVTIMEO and writes pass
+MSG_DONTWAIT, one system call each. TLS has no per-call flags, so there the socket
+is non-blocking and reads and writes wait in poll(). Reads are buffered: one
+``recv`` of up to 64 KiB serves all the small reads websocket-client makes during
+the upgrade.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import struct
 import threading
 from typing import Any
 
+from ._deadline import Deadline
 from ._frames import OP_TEXT, FrameError, FrameReader, encode_frame
 from .errors import ConnectionLost, ProtocolError
 
@@ -49,10 +53,16 @@ class StreamSocket:
         self._pos = 0
         self._nonblocking = False
         self._timeout: float | None = sock.gettimeout()
+        self._write_timeout: float | None = None
 
-    def set_nonblocking(self) -> None:
-        """Switch to non-blocking writes (see the module docstring). One way."""
+    def set_nonblocking(self, write_timeout: float | None = None) -> None:
+        """Switch to split timeouts (see the module docstring). One way.
+
+        Args:
+            write_timeout: What ``sendall`` may take from now on (None: no limit).
+        """
         self._nonblocking = True
+        self._write_timeout = write_timeout
         timeout = self.sock.gettimeout()
         if self._tls:
             self.sock.setblocking(False)
@@ -102,8 +112,22 @@ class StreamSocket:
     # -- writing (any thread; callers keep whole frames together) ---------------
 
     def sendall(self, data: bytes) -> None:
-        """Write everything, waiting as needed (blocking mode only)."""
-        if self._io_lock is None:
+        """Write everything, waiting as needed.
+
+        Raises:
+            socket.timeout: If that takes longer than the socket timeout (blocking
+                mode) or the write timeout (split mode).
+        """
+        if self._nonblocking:
+            deadline = Deadline(self._write_timeout)
+            view = memoryview(data)
+            while view:
+                sent = self.send_some(view)
+                if sent:
+                    view = view[sent:]
+                elif not self.wait_writable(deadline.remaining()):
+                    raise socket.timeout("write timed out")
+        elif self._io_lock is None:
             self.sock.sendall(data)
         else:
             with self._io_lock:

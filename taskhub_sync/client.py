@@ -427,6 +427,10 @@ class Client:
             )
         finally:
             self._opening = None
+        # From here the reader's short read timeouts must not apply to writes: a
+        # handler's answer gets as long as a live hub can take (a dead one is
+        # noticed by the heartbeat, which shuts the socket and wakes the writer).
+        link.stream.set_nonblocking(write_timeout=max(self.open_timeout, 2 * self.ping_interval))
         link.settimeout(self.ping_interval)
         return link, welcome
 
@@ -780,7 +784,6 @@ class Client:
                             task.topic,
                             self.task_start_timeout,
                         )
-            task._finished = True
             self._send_reply(task, reply)
         finally:
             with self._lock:
@@ -865,7 +868,7 @@ class Client:
                     code="payload_too_large",
                 )
             )
-        task._send_claiming(text)
+        task._send_claiming(text, answer=True)
 
     def _send_task_text(self, task: Task, text: str) -> None:
         """Send a worker message, unless the task came on an earlier connection (the

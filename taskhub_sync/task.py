@@ -99,9 +99,17 @@ class Task:
             elif self._claim == _UNCLAIMED:
                 self._claim_by = 0.0  # from now on start() sends at once
 
-    def _send_claiming(self, text: str) -> None:
-        """Send an update or the answer: either claims the task."""
+    def _send_claiming(self, text: str, *, answer: bool = False) -> None:
+        """Send an update, or the handler's answer: either claims the task. Under
+        ``_io``, so that nothing follows the answer (the hub would take an update
+        after it for a protocol violation and drop the whole connection).
+
+        Raises:
+            InvalidState: For an update once the answer has been sent.
+        """
         with self._io:
+            self._check_running()
+            self._finished = answer
             self._claim = _CLAIMED
             self._client._send_task_text(self, text)
 

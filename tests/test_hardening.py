@@ -169,6 +169,55 @@ def test_unreadable_message_from_the_hub_starts_a_new_session(h, monkeypatch):
     assert publisher.session != old_session
 
 
+def test_update_racing_the_answer_is_refused_not_sent_after_it(h):
+    """An update from a helper thread that passed update()'s early check while the
+    handler returned: InvalidState, never an update after the result (which the hub
+    would take for a violation, dropping the worker and its other tasks)."""
+    hub = h.hub()
+    result_seen = threading.Event()
+    in_encode = threading.Event()
+    release = threading.Event()
+    h.thread(lambda: None, stop=release.set)
+    refused: list = []
+
+    class SlowToEncode(dict):
+        def items(self):  # json calls it after update()'s check, before the send
+            in_encode.set()
+            result_seen.wait(WAIT)
+            return super().items()
+
+    def racy(task):
+        task.start()
+
+        def helper():
+            try:
+                task.update(SlowToEncode(progress=99))
+            except InvalidState as exc:
+                refused.append(exc)
+
+        threading.Thread(target=helper, daemon=True).start()
+        assert in_encode.wait(WAIT)
+        return "racy-ok"
+
+    def long(task):
+        task.start()
+        release.wait(WAIT)
+        return "long-ok"
+
+    worker = h.client(hub, "work", max_workers=4)
+    worker.sub("racy", racy)
+    worker.sub("long", long)
+    publisher = h.client(hub, "pub")
+    long_handle = publisher.pub("long")
+    racy_handle = publisher.pub("racy")
+    racy_handle.add_done_callback(lambda _: result_seen.set())
+    assert racy_handle.get_result(timeout=WAIT) == "racy-ok"
+    wait_until(lambda: refused, what="the late update refused")
+    release.set()
+    assert long_handle.get_result(timeout=WAIT) == "long-ok"
+    assert racy_handle.updates == []
+
+
 def test_handler_raising_system_exit_still_answers_and_keeps_serving(h):
     """SystemExit in a handler fails that task; with max_workers=1 the next task runs."""
     hub = h.hub()
