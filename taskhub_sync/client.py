@@ -688,11 +688,13 @@ class Client:
                         service=info.service,
                         remote_type=info.remote_type,
                     )
+                self._release_claims()
                 handle._complete(msg.result, error, msg.outcomes)
         elif isinstance(msg, p.Update):
             with self._lock:
                 handle = self._handles.get(msg.task)
             if handle is not None:
+                self._release_claims()
                 handle._add_update(msg.data)
         elif isinstance(msg, p.Task):
             self._accept_task(msg)
@@ -730,6 +732,14 @@ class Client:
             return
         self._claims.append(task)
         self._pool.submit(task)
+
+    def _release_claims(self) -> None:
+        """About to run user callbacks on the reader: a slow one must not hold back
+        the claims start() left to this thread. Send the deferred ones now; the other
+        running tasks' start() then sends at once. Reader thread only."""
+        claims = self._claims
+        while claims:
+            claims.popleft()._send_deferred_claim()
 
     def _send_due_claims(self, now: float) -> float | None:
         """Send the claims that start() deferred and are due; return when the next one

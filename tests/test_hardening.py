@@ -218,6 +218,41 @@ def test_update_racing_the_answer_is_refused_not_sent_after_it(h):
     assert racy_handle.updates == []
 
 
+def test_slow_update_callback_does_not_hold_back_a_deferred_claim(h):
+    """A client that publishes and serves: its handler calls start() at once, then an
+    on("update") callback of its own publication works longer than the start window
+    on the reader thread. The claim still reaches the hub; the result is not lost."""
+    hub = h.hub(task_start_timeout=0.1)
+    job_started = threading.Event()
+    finish = threading.Event()
+    h.thread(lambda: None, stop=finish.set)
+
+    def job(task):
+        task.start()  # first thing, as documented
+        job_started.set()
+        finish.wait(WAIT)
+        return "real result"
+
+    def feed(task):
+        task.start()
+        assert job_started.wait(WAIT)
+        task.update("progress")  # reaches the mixed client while job's claim waits
+        return "fed"
+
+    mixed = h.client(hub, "work")
+    mixed.sub("job", job)
+    h.client(hub, "other").sub("feed", feed)
+    publisher = h.client(hub, "pub")
+    feed_handle = mixed.pub("feed", timeout=WAIT)
+    # Work in the callback: three start windows long (a duration, not a sync point).
+    feed_handle.on("update", lambda data: threading.Event().wait(0.3))
+    job_handle = publisher.pub("job", timeout=WAIT)
+    assert feed_handle.get_result(timeout=WAIT) == "fed"
+    finish.set()
+    assert job_handle.get_result(timeout=WAIT) == "real result"
+    assert job_handle.results["work"].status == "ok"
+
+
 def test_handler_raising_system_exit_still_answers_and_keeps_serving(h):
     """SystemExit in a handler fails that task; with max_workers=1 the next task runs."""
     hub = h.hub()
