@@ -167,25 +167,33 @@ class _Connection:
 
     def _drain(self) -> None:
         """Write ``unsent`` as the peer reads it; drop the peer if it stops reading."""
-        while True:
-            if not self.stream.wait_writable(self.server.ping_interval):
-                self._abort("slow consumer: it read nothing for ping_interval")
-            with self.send_lock:
-                if self.outbox:  # queued by a flush() that found the lock taken by us
-                    self._write_queued()
-                if self.dead or not self.unsent:
-                    self.unsent.clear()
-                    self.drainer = None
-                    return
-                try:
-                    sent = self.stream.send_some(memoryview(self.unsent))
-                except OSError as exc:
-                    self._abort(f"write failed: {exc!r}")
-                    continue
-                del self.unsent[:sent]
-                if not self.unsent and not self.outbox:
-                    self.drainer = None
-                    return
+        while self._drain_step():
+            pass
+        # Like every holder of send_lock: what a flush() queued while we held it,
+        # after our last look at the outbox, is ours to write.
+        self.flush()
+
+    def _drain_step(self) -> bool:
+        """Wait until the peer can take more, write what it takes; False when done."""
+        if not self.stream.wait_writable(self.server.ping_interval):
+            self._abort("slow consumer: it read nothing for ping_interval")
+        with self.send_lock:
+            if self.outbox:  # queued by a flush() that found the lock taken by us
+                self._write_queued()
+            if self.dead or not self.unsent:
+                self.unsent.clear()
+                self.drainer = None
+                return False
+            try:
+                sent = self.stream.send_some(memoryview(self.unsent))
+            except OSError as exc:
+                self._abort(f"write failed: {exc!r}")
+                return True
+            del self.unsent[:sent]
+            if not self.unsent and not self.outbox:
+                self.drainer = None
+                return False
+        return True
 
     def send_now(self, item: bytes | p.Message) -> None:
         """Queue and write, waiting for the send lock (order matters to the caller)."""

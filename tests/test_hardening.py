@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
 
 import pytest
-from faults import WAIT, LogWatcher, harness, wait_until
+from faults import WAIT, LogWatcher, harness, hello_text, recv_json, wait_until
 
 from taskhub_sync import (
     ConcurrencyError,
@@ -251,6 +252,65 @@ def test_slow_update_callback_does_not_hold_back_a_deferred_claim(h):
     finish.set()
     assert job_handle.get_result(timeout=WAIT) == "real result"
     assert job_handle.results["work"].status == "ok"
+
+
+def test_message_queued_while_the_drain_thread_exits_is_written(h):
+    """Hub: a message queued just as a connection's drain thread decides to exit (its
+    flush() turned away by the drainer's send lock) is written by the drainer on its
+    way out, not stranded until some later write. The interleaving is forced by
+    wrapping that connection's send lock."""
+    # No heartbeat within the test: a ping would write the stranded message too.
+    hub = h.hub(task_start_timeout=2.0, max_message_size=32 << 20, ping_interval=60.0)
+    worker = h.client(hub, "work", max_workers=4, ping_interval=60.0)
+    ws = h.ws(hub, None)
+    ws.send(hello_text("pub"))
+    session = json.loads(ws.recv())["session"]
+    conn = hub._conns[session]
+    second_id = f"{session}.2"
+    armed, exiting, turned_away = threading.Event(), threading.Event(), threading.Event()
+    h.thread(lambda: None, stop=lambda: (exiting.set(), turned_away.set()))
+
+    class RaceLock:
+        def __init__(self, inner):
+            self._lock = inner
+
+        def acquire(self, blocking=True, timeout=-1):
+            ok = self._lock.acquire(blocking, timeout)
+            queued = any(getattr(m, "task", None) == second_id for m in conn.outbox)
+            if not ok and exiting.is_set() and queued:
+                turned_away.set()  # the second done is queued and its flush gave up
+            return ok
+
+        def release(self):
+            drain = threading.current_thread().name.startswith("taskhub-drain")
+            if drain and conn.drainer is None and armed.is_set() and not exiting.is_set():
+                exiting.set()  # the drainer has decided to exit...
+                turned_away.wait(WAIT)  # ...and a done is queued meanwhile
+            self._lock.release()
+
+        def __enter__(self):
+            self.acquire()
+            return self
+
+        def __exit__(self, *exc):
+            self.release()
+
+    conn.send_lock = RaceLock(conn.send_lock)
+    big = "z" * (12 << 20)  # more than the socket takes at once: a drainer starts
+    worker.sub("flood", lambda task: big)
+
+    def second(task):
+        task.start()
+        exiting.wait(WAIT)  # answer while the drainer is on its way out
+        return "second result"
+
+    worker.sub("second", second)
+    ws.send(json.dumps({"type": "pub", "task": f"{session}.1", "topic": "flood"}))
+    ws.send(json.dumps({"type": "pub", "task": second_id, "topic": "second"}))
+    wait_until(lambda: hub._router.task_state(f"{session}.1") is None, what="flood done")
+    armed.set()
+    got = [recv_json(ws, "done")["task"] for _ in range(2)]  # reading lets it drain
+    assert got == [f"{session}.1", second_id]
 
 
 def test_handler_raising_system_exit_still_answers_and_keeps_serving(h):
