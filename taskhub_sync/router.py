@@ -234,7 +234,10 @@ class Router:
         If ``conn_id`` names a detached publisher (see ``can_resume()``), the new
         connection takes its pending tasks over and gets what it missed, in order.
         ``pending`` lists the tasks the client still waits for: those that ended
-        are answered again from the recent results, or failed as lost.
+        are answered again from the recent results, or failed as lost. Only the
+        session's own ids count, each once, and no more than ``max_pending`` of them
+        (a client cannot be waiting for more), so a hello cannot make the hub build
+        an answer out of proportion to the session.
 
         Raises:
             AuthenticationError: If ``max_instances`` instances of it are connected.
@@ -259,9 +262,16 @@ class Router:
         out = [Outgoing(conn_id, m) for m in detached.buffer]
         answered = {m.task for m in detached.buffer if type(m) is p.Done}
         recent = {done.task: done for done in conn.recent}
+        prefix = conn_id + "."
+        unknown: set[str] = set()
         for task_id in pending:
-            if task_id in conn.published or task_id in answered:
+            if task_id in conn.published or task_id in answered or task_id in unknown:
                 continue
+            if self.own_task_ids and not task_id.startswith(prefix):
+                continue  # not this session's task: nothing to tell about it
+            if len(unknown) >= self.max_pending:
+                break
+            unknown.add(task_id)
             done = recent.get(task_id) or p.Done(
                 task_id,
                 {},

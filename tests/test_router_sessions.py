@@ -130,3 +130,17 @@ def test_max_subscriptions_rejects_the_next_pattern():
     assert router.receive("w", Subscribe(2, "a"), 0.0) == [Outgoing("w", Reply(2))]
     [out] = router.receive("w", Subscribe(3, "b"), 0.0)
     assert out.message.error.code == "too_many_subscriptions"
+
+
+def test_resume_answers_each_own_pending_id_once_and_at_most_max_pending():
+    """A resuming hello's pending list: duplicates and other sessions' ids get no
+    answer, and past max_pending ids nothing more is built."""
+    router = make_router(max_pending=3, own_task_ids=True)
+    router.receive("p", Publish("p.1", "job"), 0.0)
+    (done,) = router.receive("w", Result("p.1", "ok"), 0.1)
+    router.disconnect("p", 0.2)
+    pending = ["p.1", "p.1", "p.1", "q.7", "other", "p.2", "p.2", "p.3", "p.4", "p.5"]
+    out = router.connect("p", CRED, 1, pending)
+    assert [o.message.task for o in out] == ["p.1", "p.2", "p.3"]
+    assert out[0] == done  # answered again from the recent results
+    assert [o.message.error.code for o in out[1:]] == ["connection_lost"] * 2
