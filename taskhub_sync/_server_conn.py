@@ -38,7 +38,7 @@ from ._frames import (
     parse_close,
 )
 from ._transport import StreamSocket
-from .auth import DUMMY_KEY, StoredKey
+from .auth import StoredKey
 from .errors import AuthenticationError, ProtocolError
 
 if TYPE_CHECKING:
@@ -419,7 +419,7 @@ class _Connection:
         ok = False
         try:
             entry = server._credentials.get(hello.name)
-            stored = entry[0] if entry else DUMMY_KEY
+            stored = entry[0] if entry else server._unknown_name_key
             ok = self._verify(stored, hello.key, deadline) and entry is not None
         finally:
             limiter.end(host, time.monotonic(), ok)

@@ -84,5 +84,8 @@ class StoredKey:
         return "StoredKey(<hidden>)"
 
 
-#: Checked against when the name is unknown, so a miss costs what a wrong key costs.
+#: Checked against when the name is unknown, so a miss costs what a wrong key
+#: costs: the plain one while the hub keeps only plain keys, the hashed one (same
+#: scrypt cost as hash_key(); no key matches it) once it keeps any hashed key.
 DUMMY_KEY = StoredKey(key="taskhub-sync-no-such-service")
+DUMMY_HASHED_KEY = StoredKey(key_hash=f"scrypt${_N}${_R}${_P}${'00' * 16}${'00' * _DKLEN}")

@@ -29,7 +29,7 @@ from . import protocol as p
 from ._deadline import Deadline
 from ._server_conn import _Closed, _Connection, _FailureLimiter
 from ._signals import interrupt_once
-from .auth import StoredKey
+from .auth import DUMMY_HASHED_KEY, DUMMY_KEY, StoredKey
 from .errors import ProtocolError
 from .router import Credential, Outgoing, Router
 from .topics import validate_permission
@@ -118,6 +118,7 @@ class Server:
         self._auth_limiter = _FailureLimiter(auth_failure_limit, window=60.0)
         self._hash_checks = threading.BoundedSemaphore(MAX_HASH_CHECKS)
         self._credentials: dict[str, tuple[StoredKey, Credential]] = {}
+        self._unknown_name_key = DUMMY_KEY
 
         self._lock = threading.Lock()  # guards _router, _conns, _timer_target
         self._timer_wakeup = threading.Condition(self._lock)
@@ -177,6 +178,8 @@ class Server:
             max_instances,
         )
         self._credentials[name] = (stored, credential)
+        if stored.hashed:
+            self._unknown_name_key = DUMMY_HASHED_KEY  # see auth.DUMMY_KEY
 
     # ----------------------------------------------------------------- lifecycle
 

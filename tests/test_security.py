@@ -162,6 +162,34 @@ def test_key_hash_credential_accepts_the_key_and_refuses_others(h):
         h.client(hub, "hashed", key=hash_key(secret), reconnect=False)  # the hash is no key
 
 
+def test_unknown_name_costs_a_hash_check_once_the_hub_keeps_hashed_keys(h, monkeypatch):
+    """Refusing an unknown name runs the same scrypt check as a wrong key for a hashed
+    credential, so refusal times do not tell which service names exist."""
+    import hashlib
+
+    from taskhub_sync import auth
+
+    checks = []
+    scrypt = hashlib.scrypt
+
+    def counting_scrypt(*args, **kwargs):
+        checks.append(kwargs.get("n"))
+        return scrypt(*args, **kwargs)
+
+    monkeypatch.setattr(auth.hashlib, "scrypt", counting_scrypt)
+    hub = h.hub()
+    with pytest.raises(AuthenticationError):
+        h.client(hub, "no-such-service", key="whatever", reconnect=False)
+    assert checks == []  # only plain keys: a plain comparison
+    hub.add_credential("hashed", key_hash=hash_key("hashed-service-s3cret-key"))
+    checks.clear()
+    with pytest.raises(AuthenticationError):
+        h.client(hub, "hashed", key="wrong", reconnect=False)
+    with pytest.raises(AuthenticationError):
+        h.client(hub, "no-such-service", key="whatever", reconnect=False)
+    assert len(checks) == 2 and checks[0] == checks[1]
+
+
 def test_keys_never_appear_in_logs_errors_or_reprs(h, caplog):
     """DEBUG logs of a whole session (a failed login included), error messages and
     reprs never contain a key."""
