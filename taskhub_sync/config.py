@@ -66,3 +66,14 @@ def check_seconds(name: str, value: object, *, maximum: float, zero_ok: bool = F
             f"{name} must be a number of seconds {bound} and <= {maximum:g}, not {value!r}"
         )
     return seconds
+
+
+def check_count(name: str, value: object, *, minimum: int = 1) -> int:
+    """``value`` if it is an integer (not a bool) >= ``minimum``.
+
+    Raises:
+        ValueError: Otherwise, naming the setting.
+    """
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, not {value!r}")
+    return value

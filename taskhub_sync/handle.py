@@ -71,7 +71,10 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
 
         Raises:
             ValueError: For an unknown event name.
+            TypeError: If ``callback`` is not callable.
         """
+        if not callable(callback):
+            raise TypeError(f"the {event!r} callback must be callable, not {callback!r}")
         if event == "update":
             listener = _Listener(callback)
             with self._condition:

@@ -102,8 +102,12 @@ class Server:
         resume_grace = config.check_seconds(
             "resume_grace", resume_grace, maximum=config.MAX_INTERVAL, zero_ok=True
         )
-        if max_message_size < 1024:
-            raise ValueError("max_message_size must be at least 1024 bytes")
+        max_message_size = config.check_count("max_message_size", max_message_size, minimum=1024)
+        max_queued_messages = config.check_count("max_queued_messages", max_queued_messages)
+        max_pending = config.check_count("max_pending", max_pending)
+        max_subscriptions = config.check_count("max_subscriptions", max_subscriptions)
+        max_handshakes = config.check_count("max_handshakes", max_handshakes)
+        auth_failure_limit = config.check_count("auth_failure_limit", auth_failure_limit)
         self.host = host
         self._requested_port = port
         self.task_start_timeout = float(task_start_timeout)

@@ -327,6 +327,16 @@ def test_on_unknown_event_raises(handle: TaskHandle) -> None:
         handle.on("progress", print)
 
 
+@pytest.mark.parametrize("event", ["update", "result", "error", "done"])
+def test_on_with_a_non_callable_raises_at_once(handle: TaskHandle, event: str) -> None:
+    """on(event, 5) is a TypeError when called, not a logged error at the first update."""
+    with pytest.raises(TypeError, match="callable"):
+        handle.on(event, 5)  # type: ignore[arg-type]
+    handle._add_update(1)
+    handle._complete(2, None, {})
+    assert handle.get_result() == 2
+
+
 def test_update_callback_exception_is_logged_not_raised(
     handle: TaskHandle, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -44,6 +44,25 @@ def test_far_timeouts_are_refused_not_overflowed(h):
         publisher.pub("job", timeout=1e10)
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "max_queued_messages",
+        "max_pending",
+        "max_subscriptions",
+        "max_handshakes",
+        "auth_failure_limit",
+        "max_message_size",
+    ],
+)
+@pytest.mark.parametrize("value", [0, -1, None, 2.5, True])
+def test_server_refuses_limits_that_could_never_work(setting, value):
+    """A count setting that is not an integer >= 1 is a ValueError naming it, at once
+    (max_queued_messages=0 dropped every connection at its first message)."""
+    with pytest.raises(ValueError, match=setting):
+        Server(port=0, **{setting: value})
+
+
 def test_timer_still_works_with_the_longest_timeout_pending(h):
     """A task with a year-long timeout pending; another task's start window still closes."""
     hub = h.hub(task_start_timeout=0.2)
