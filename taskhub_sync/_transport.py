@@ -68,7 +68,7 @@ class StreamSocket:
             self.sock.setblocking(False)
         else:
             self.sock.settimeout(None)  # blocking: MSG_DONTWAIT and SO_RCVTIMEO apply
-        self.settimeout(timeout)
+        self._set_read_timeout(timeout)
 
     # -- reading (one thread) ------------------------------------------------
 
@@ -119,8 +119,11 @@ class StreamSocket:
                 mode) or the write timeout (split mode).
         """
         if self._nonblocking:
+            sent = self.send_some(data)
+            if sent == len(data):  # the usual case: it all fits at once
+                return
             deadline = Deadline(self._write_timeout)
-            view = memoryview(data)
+            view = memoryview(data)[sent:]
             while view:
                 sent = self.send_some(view)
                 if sent:
@@ -155,6 +158,10 @@ class StreamSocket:
     # -- the rest of the socket interface websocket-client uses ---------------
 
     def settimeout(self, timeout: float | None) -> None:
+        if timeout != self._timeout or not self._nonblocking:
+            self._set_read_timeout(timeout)
+
+    def _set_read_timeout(self, timeout: float | None) -> None:
         self._timeout = timeout
         if not self._nonblocking:
             self.sock.settimeout(timeout)

@@ -611,11 +611,12 @@ class Client:
         try:
             while True:
                 now = time.monotonic()
-                wake = heard + interval
                 claim = self._send_due_claims(now)
-                if claim is not None and claim < wake:
-                    wake = claim
-                link.settimeout(max(wake - now, 0.0001))
+                if claim is None and now - heard < 0.001:
+                    link.settimeout(interval)  # the usual case: unchanged, no system call
+                else:
+                    wake = heard + interval if claim is None else min(claim, heard + interval)
+                    link.settimeout(max(wake - now, 0.0001))
                 try:
                     frames = link.read()
                 except socket.timeout:
