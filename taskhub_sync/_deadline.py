@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 
@@ -22,3 +23,19 @@ class Deadline:
     def expired(self) -> bool:
         """True once the budget is used up."""
         return self._end is not None and time.monotonic() >= self._end
+
+
+def wait_seconds(timeout: float | None) -> float | None:
+    """``timeout`` as an Event/Condition wait takes it: None (or longer than any wait
+    can be) waits for ever, below zero checks without waiting.
+
+    Raises:
+        ValueError: For NaN.
+    """
+    if timeout is None:
+        return None
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds, not NaN")
+    if timeout >= threading.TIMEOUT_MAX:
+        return None
+    return max(timeout, 0.0)

@@ -7,6 +7,7 @@ import logging
 import threading
 from typing import Any, Callable
 
+from ._deadline import wait_seconds
 from .errors import ConcurrencyError, InvalidState
 from .protocol import Outcome
 
@@ -144,13 +145,7 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
                 f"waiting for task {self.task_id} from a callback would deadlock: "
                 "callbacks run on the client's reader thread"
             )
-        if timeout is None:
-            return None
-        if timeout != timeout:
-            raise ValueError("timeout must be a number of seconds, not NaN")
-        if timeout >= threading.TIMEOUT_MAX:
-            return None  # longer than any wait can be: wait for the end
-        return max(timeout, 0.0)
+        return wait_seconds(timeout)
 
     @property
     def results(self) -> dict[str, Outcome]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
-from ._deadline import Deadline
+from ._deadline import Deadline, wait_seconds
 from .errors import InvalidState, PayloadTooLarge
 
 logger = logging.getLogger("taskhub_sync.client")
@@ -70,8 +70,12 @@ class Task:
         return self._cancel.is_set()
 
     def wait_cancelled(self, timeout: float | None = None) -> bool:
-        """Block until the task is cancelled or ``timeout`` passes; True if cancelled."""
-        return self._cancel.wait(timeout)
+        """Block until the task is cancelled or ``timeout`` passes; True if cancelled.
+
+        Raises:
+            ValueError: If ``timeout`` is NaN.
+        """
+        return self._cancel.wait(wait_seconds(timeout))
 
     def start(self) -> None:
         """Claim the task. Idempotent; does not wait for the hub.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from conftest import WAIT
 from faults import wait_until
 
@@ -150,3 +151,15 @@ def test_slow_handler_claim_reaches_the_hub_well_within_the_window(make_hub, mak
     finally:
         release.set()
     assert handle.get_result(timeout=WAIT) == "late but claimed"
+
+
+def test_wait_cancelled_takes_timeouts_like_get_result():
+    """wait_cancelled(): NaN is a ValueError; <= 0 checks without waiting; inf waits
+    for the cancel."""
+    task, _ = make_task(claim_in=WAIT)
+    with pytest.raises(ValueError, match="NaN"):
+        task.wait_cancelled(float("nan"))
+    assert task.wait_cancelled(-1) is False
+    threading.Timer(0.01, task._cancelled_by_hub, args=("timed out",)).start()
+    assert task.wait_cancelled(float("inf")) is True
+    assert task.cancel_reason == "timed out"
