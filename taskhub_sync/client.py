@@ -236,6 +236,7 @@ class Client:
         topics.validate_topic(topic)
         if timeout is not None:
             timeout = config.check_seconds("timeout", timeout, maximum=config.MAX_TASK_TIMEOUT)
+        lost: OSError | None = None
         for _ in range(3):
             self._wait_connected()
             session = self.session
@@ -257,19 +258,23 @@ class Client:
                 self._check_open()
                 # The session and its link change together, under this lock: a task
                 # id is only sent on a connection of the session it names.
-                if self.session == session:
-                    self._handles[task_id] = handle
-                    link = self._link
-                    break
-        else:
-            raise ConnectionLost(f"cannot publish: the connection to {self.url} keeps changing")
-        try:
-            link.send_text(text)
-        except OSError as exc:
-            with self._lock:
-                self._handles.pop(task_id, None)
-            raise ConnectionLost(f"cannot publish: {exc}") from exc
-        return handle
+                if self.session != session:
+                    continue
+                self._handles[task_id] = handle
+                link = self._link
+            try:
+                link.send_text(text)
+                return handle
+            except OSError as exc:
+                # The link dropped under us, before the whole message went out (the
+                # hub cannot have it): the reader reconnects; try on the next link.
+                with self._lock:
+                    self._handles.pop(task_id, None)
+                    if self._link is link:  # wait for the next one, not this one again
+                        self._connected.clear()
+                lost = exc
+        why = lost or "the connection keeps changing"
+        raise ConnectionLost(f"cannot publish to {self.url}: {why}") from lost
 
     def sub(self, topic: str, handler: H | None = None) -> Any:
         """Serve tasks on ``topic`` (an exact topic, ``prefix:*`` or ``*``) with

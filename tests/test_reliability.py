@@ -311,6 +311,24 @@ def test_pub_while_reconnecting_waits_then_fails_with_connection_lost(h):
     assert 0.4 <= time.monotonic() - t0 < 0.5 + SLACK
 
 
+def test_pub_racing_a_dropped_link_goes_out_on_the_next_one(h):
+    """A pub() whose write fails because the link just dropped is sent on the
+    reconnected link, like a pub() while reconnecting; it does not fail at once."""
+    hub = h.hub()
+    h.echo_worker(hub)
+    publisher = h.client(hub, "pub")
+    stream = publisher._link.stream
+    real_sendall = stream.sendall
+
+    def broken_once(data):
+        stream.sendall = real_sendall
+        raise BrokenPipeError(32, "Broken pipe")
+
+    stream.sendall = broken_once
+    assert publisher.pub("echo", 1).get_result(timeout=WAIT) == 1
+    assert publisher._link.stream is not stream
+
+
 def test_wrong_key_on_reconnect_is_not_retried(h):
     """A hub that no longer knows the key: run_forever raises AuthenticationError after
     one attempt, instead of retrying in a loop."""
