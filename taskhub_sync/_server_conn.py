@@ -217,7 +217,7 @@ class _Connection:
                 why,
             )
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.stream.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -234,7 +234,7 @@ class _Connection:
             drainer.join(deadline.remaining())
         if not self.dead:
             try:
-                self.sock.shutdown(socket.SHUT_WR)
+                self.stream.shutdown(socket.SHUT_WR)
                 while not deadline.expired():
                     self.stream.settimeout(deadline.remaining())
                     if not self.stream.recv_some():
@@ -318,7 +318,7 @@ class _Connection:
                 server._on_disconnect(self)
             self._linger()
             try:
-                self.sock.close()
+                self.stream.close()
             except OSError:
                 pass
             server._forget(self, registered)

@@ -30,7 +30,6 @@ import struct
 import threading
 from typing import Any
 
-from ._deadline import Deadline
 from ._frames import OP_TEXT, FrameError, FrameReader, encode_frame
 from .errors import ConnectionLost, ProtocolError
 
@@ -59,7 +58,9 @@ class StreamSocket:
         """Switch to split timeouts (see the module docstring). One way.
 
         Args:
-            write_timeout: What ``sendall`` may take from now on (None: no limit).
+            write_timeout: How long ``sendall`` may wait for the peer to take
+                more, from now on (None: no limit). A slow peer that keeps reading
+                never runs into it, however large the message.
         """
         self._nonblocking = True
         self._write_timeout = write_timeout
@@ -115,21 +116,20 @@ class StreamSocket:
         """Write everything, waiting as needed.
 
         Raises:
-            socket.timeout: If that takes longer than the socket timeout (blocking
-                mode) or the write timeout (split mode).
+            socket.timeout: If the peer takes nothing for the socket timeout
+                (blocking mode) or the write timeout (split mode).
         """
         if self._nonblocking:
             sent = self.send_some(data)
             if sent == len(data):  # the usual case: it all fits at once
                 return
-            deadline = Deadline(self._write_timeout)
             view = memoryview(data)[sent:]
             while view:
                 sent = self.send_some(view)
                 if sent:
                     view = view[sent:]
-                elif not self.wait_writable(deadline.remaining()):
-                    raise socket.timeout("write timed out")
+                elif not self.wait_writable(self._write_timeout):  # a stall, not the total
+                    raise socket.timeout("write stalled: the peer read nothing")
         elif self._io_lock is None:
             self.sock.sendall(data)
         else:
@@ -181,11 +181,23 @@ class StreamSocket:
         return self.sock.fileno()
 
     def shutdown(self, how: int) -> None:
-        """Wakes a reader blocked in recv(); never takes the I/O lock."""
-        self.sock.shutdown(how)
+        """Wakes a reader blocked in recv(); never takes the I/O lock.
+
+        On TLS this shuts the TCP socket down beneath the SSL object, which stays:
+        SSLSocket.shutdown() unwraps first, and a writer running in between would
+        send its frame in plain text.
+        """
+        socket.socket.shutdown(self.sock, how)
 
     def close(self) -> None:
-        self.sock.close()
+        """Close the socket. On TLS under the I/O lock, which reads and writes hold
+        only for one non-blocking call: closing drops the SSL object, which a read
+        in progress must not see vanish (ValueError instead of OSError)."""
+        if self._io_lock is None:
+            self.sock.close()
+        else:
+            with self._io_lock:
+                self.sock.close()
 
     @property
     def _closed(self) -> bool:

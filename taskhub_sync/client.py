@@ -633,8 +633,11 @@ class Client:
                             ConnectionLost("the hub stopped answering heartbeats")
                         ) from None
                     awaiting_pong = True
-                    heard = now  # the pong (or anything) must come within an interval
                     link.write(encode_frame(OP_PING, b"hb", mask=True))
+                    # The pong (or anything) must come within an interval of the ping
+                    # going out, which may be late: behind a big answer another
+                    # thread is writing, which the hub reads first.
+                    heard = time.monotonic()
                     continue
                 heard = time.monotonic()
                 awaiting_pong = False
@@ -694,13 +697,15 @@ class Client:
                         service=info.service,
                         remote_type=info.remote_type,
                     )
-                self._release_claims()
+                if handle._done_callbacks_added:  # user code is about to run here
+                    self._release_claims()
                 handle._complete(msg.result, error, msg.outcomes)
         elif isinstance(msg, p.Update):
             with self._lock:
                 handle = self._handles.get(msg.task)
             if handle is not None:
-                self._release_claims()
+                if handle._listeners:  # user code is about to run on this thread
+                    self._release_claims()
                 handle._add_update(msg.data)
         elif isinstance(msg, p.Task):
             self._accept_task(msg)
@@ -745,7 +750,9 @@ class Client:
         running tasks' start() then sends at once. Reader thread only."""
         claims = self._claims
         while claims:
-            claims.popleft()._send_deferred_claim()
+            task = claims.popleft()
+            if task._claim != _CLAIMED:  # answered or claimed already: nothing to send
+                task._send_deferred_claim()
 
     def _send_due_claims(self, now: float) -> float | None:
         """Send the claims that start() deferred and are due; return when the next one

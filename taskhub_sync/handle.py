@@ -50,6 +50,7 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
         self._reader = reader
         self._updates: list[Any] = []
         self._listeners: list[_Listener] = []
+        self._done_callbacks_added = False  # the reader will run user code at the end
         self._results: dict[str, Outcome] = {}
         self._completing = False  # set once, under _condition, by _complete()
 
@@ -58,6 +59,12 @@ class TaskHandle(concurrent.futures.Future):  # type: ignore[type-arg]
         return f"<TaskHandle {self.task_id} topic={self.topic!r} {state}>"
 
     # ----------------------------------------------------------------- public
+
+    def add_done_callback(self, fn: Callable[[concurrent.futures.Future[Any]], object]) -> None:
+        """Future.add_done_callback(): ``fn(handle)`` once the task is over (at once if
+        it is already); on the client's reader thread otherwise, so keep it short."""
+        self._done_callbacks_added = True
+        super().add_done_callback(fn)
 
     def on(self, event: str, callback: Callable[[Any], object]) -> TaskHandle:
         """Call ``callback`` on an event; returns the handle, so calls chain.

@@ -110,6 +110,7 @@ class _Conn:
     published: set[str] = field(default_factory=set)  # ids of its pending tasks
     # Its latest results: a resumed session asks again for those it never got.
     recent: deque[p.Done] = field(default_factory=lambda: deque(maxlen=RECENT_RESULTS))
+    published_total: int = 0  # tasks its session ever published (bounds a resume)
 
 
 @dataclass(eq=False)
@@ -235,9 +236,9 @@ class Router:
         connection takes its pending tasks over and gets what it missed, in order.
         ``pending`` lists the tasks the client still waits for: those that ended
         are answered again from the recent results, or failed as lost. Only the
-        session's own ids count, each once, and no more than ``max_pending`` of them
-        (a client cannot be waiting for more), so a hello cannot make the hub build
-        an answer out of proportion to the session.
+        session's own ids count, each once, and no more of them than the session
+        ever published (it cannot be waiting for more), so a hello cannot make the
+        hub build an answer out of proportion to the session.
 
         Raises:
             AuthenticationError: If ``max_instances`` instances of it are connected.
@@ -259,6 +260,7 @@ class Router:
             raise ValueError(f"connection {conn_id!r} belonged to another service")
         conn.published = detached.conn.published
         conn.recent = detached.conn.recent
+        conn.published_total = detached.conn.published_total
         out = [Outgoing(conn_id, m) for m in detached.buffer]
         answered = {m.task for m in detached.buffer if type(m) is p.Done}
         recent = {done.task: done for done in conn.recent}
@@ -269,7 +271,7 @@ class Router:
                 continue
             if self.own_task_ids and not task_id.startswith(prefix):
                 continue  # not this session's task: nothing to tell about it
-            if len(unknown) >= self.max_pending:
+            if len(unknown) >= conn.published_total:
                 break
             unknown.add(task_id)
             done = recent.get(task_id) or p.Done(
@@ -428,6 +430,7 @@ class Router:
             raise ProtocolError(f"task ids must start with this session's id {conn.id!r}")
         if task_id in self._tasks:
             raise ProtocolError(f"task id {task_id!r} is already in use")
+        conn.published_total += 1  # answered one way or another: a resume may ask
         cred = conn.credential
         try:
             topics.validate_topic(topic)

@@ -240,10 +240,10 @@ class Server:
                 ``[signal.SIGTERM]`` (main thread only; the previous handlers come
                 back afterwards).
         """
-        if self._listener is None:
-            self.start()
-        with interrupt_once(stop_signals) as signals:
+        with interrupt_once(stop_signals) as signals:  # ValueError before starting
             try:
+                if self._listener is None:
+                    self.start()
                 while not self._stopped.wait(3600):
                     pass
             except KeyboardInterrupt:

@@ -332,6 +332,45 @@ def test_message_queued_while_the_drain_thread_exits_is_written(h):
     assert got == [f"{session}.1", second_id]
 
 
+def test_claims_stay_deferred_unless_a_callback_is_about_to_run(h):
+    """A client that publishes and serves: a done with no callback to run leaves its
+    running tasks' deferred claims alone (a fast handler still costs no start
+    message); one with a callback sends them first."""
+    hub = h.hub(task_start_timeout=60.0)
+    h.echo_worker(hub, "feed", name="other")
+    mixed = h.client(hub, "work", max_workers=4)
+    sent: list[str] = []
+    send_task_text = mixed._send_task_text
+    mixed._send_task_text = lambda task, text: (
+        sent.append(p.decode(text).TYPE),
+        send_task_text(task, text),
+    )
+    started = threading.Event()
+    release = threading.Event()
+    h.thread(lambda: None, stop=release.set)
+
+    def job(task):
+        task.start()
+        started.set()
+        release.wait(WAIT)
+        return "ok"
+
+    mixed.sub("job", job)
+    mixed._claim_delay = 60.0  # the claim waits for the test, not for the clock
+    publisher = h.client(hub, "pub")
+    handle = publisher.pub("job")
+    assert started.wait(WAIT)
+    assert mixed.pub("feed", 1).get_result(timeout=WAIT) == 1  # no callback: no claim
+    assert sent == []
+    called = threading.Event()
+    mixed.pub("feed", 2).add_done_callback(lambda _: called.set())
+    assert called.wait(WAIT)
+    assert sent == ["start"]  # sent before the callback ran
+    release.set()
+    assert handle.get_result(timeout=WAIT) == "ok"
+    assert sent == ["start", "result"]
+
+
 def test_handler_raising_system_exit_still_answers_and_keeps_serving(h):
     """SystemExit in a handler fails that task; with max_workers=1 the next task runs."""
     hub = h.hub()

@@ -336,3 +336,24 @@ def test_client_inherited_by_fork_refuses_use_and_leaves_the_parent_working(hub,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[:2] == ["CHILD InvalidState", "PARENT 0"]
+
+
+def test_serve_forever_refusing_stop_signals_off_the_main_thread_leaves_no_hub():
+    """serve_forever(stop_signals=...) off the main thread raises ValueError and
+    leaves no hub behind (it neither starts one nor keeps it listening)."""
+    hub = Server("127.0.0.1", 0)
+    errors: list = []
+
+    def serve():
+        try:
+            hub.serve_forever(stop_signals=[signal.SIGTERM])
+        except ValueError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    t.join(WAIT)
+    assert not t.is_alive()
+    assert errors and "main thread" in str(errors[0])
+    assert hub.port == 0  # never bound: nothing left listening
+    hub.stop()

@@ -132,15 +132,32 @@ def test_max_subscriptions_rejects_the_next_pattern():
     assert out.message.error.code == "too_many_subscriptions"
 
 
-def test_resume_answers_each_own_pending_id_once_and_at_most_max_pending():
+def test_resume_answers_each_own_pending_id_once_and_no_more_than_it_published():
     """A resuming hello's pending list: duplicates and other sessions' ids get no
-    answer, and past max_pending ids nothing more is built."""
-    router = make_router(max_pending=3, own_task_ids=True)
+    answer, and past the number of tasks the session ever published nothing more is
+    built (a client cannot be waiting for more)."""
+    router = make_router(own_task_ids=True)
     router.receive("p", Publish("p.1", "job"), 0.0)
     (done,) = router.receive("w", Result("p.1", "ok"), 0.1)
+    router.receive("p", Publish("p.2", "job"), 0.1)
+    router.receive("w", Result("p.2", "ok"), 0.1)
+    router.receive("p", Publish("p.3", "job"), 0.1)
+    router.receive("w", Result("p.3", "ok"), 0.1)
     router.disconnect("p", 0.2)
-    pending = ["p.1", "p.1", "p.1", "q.7", "other", "p.2", "p.2", "p.3", "p.4", "p.5"]
+    pending = ["p.1", "p.1", "p.1", "q.7", "other", "p.9", "p.9", "p.8", "p.7", "p.6"]
     out = router.connect("p", CRED, 1, pending)
-    assert [o.message.task for o in out] == ["p.1", "p.2", "p.3"]
+    assert [o.message.task for o in out] == ["p.1", "p.9", "p.8"]
     assert out[0] == done  # answered again from the recent results
     assert [o.message.error.code for o in out[1:]] == ["connection_lost"] * 2
+
+
+def test_resume_answers_lost_results_beyond_max_pending():
+    """Results lost in flight no longer count against max_pending, so a session may
+    wait for more of them than max_pending: every one is answered on resume."""
+    router = make_router(own_task_ids=True, max_pending=1)
+    for n in (1, 2, 3):
+        router.receive("p", Publish(f"p.{n}", "job"), 0.0)
+        router.receive("w", Result(f"p.{n}", n), 0.1)
+    router.disconnect("p", 0.2)
+    out = router.connect("p", CRED, 1, ["p.1", "p.2", "p.3"])
+    assert [o.message.result for o in out] == [1, 2, 3]

@@ -79,3 +79,60 @@ def test_split_mode_read_timeout_still_applies(pair):
         stream.recv_some()
     peer.sendall(b"hello")
     assert stream.recv_some() == b"hello"
+
+
+def test_split_mode_write_timeout_is_per_stall_not_per_message(pair):
+    """A peer that keeps reading, slowly, is never cut off: the write timeout bounds
+    a stall, not how long a big message takes."""
+    ours, peer = pair
+    stream = StreamSocket(ours)
+    stream.set_nonblocking(write_timeout=0.2)
+    data = b"y" * (2 * 1024 * 1024)
+    got = bytearray()
+
+    def slow_reader() -> None:
+        pace = threading.Event()
+        while len(got) < len(data):
+            chunk = peer.recv(64 * 1024)
+            if not chunk:
+                return
+            got.extend(chunk)
+            pace.wait(0.02)  # reads at ~3 MB/s: the whole takes far over 0.2 s
+
+    reader = threading.Thread(target=slow_reader, daemon=True)
+    reader.start()
+    stream.sendall(data)  # raises socket.timeout if the timeout were per message
+    reader.join(WAIT)
+    assert bytes(got) == data
+
+
+def test_tls_shutdown_keeps_the_ssl_layer_in_place():
+    """shutdown() on TLS shuts the TCP socket down beneath the SSL object: a writer
+    racing it gets an error, never a plain-text send (SSLSocket.shutdown() unwraps
+    first, leaving a window where send() falls through to the bare socket)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    a, b = socket.socketpair()
+    served: list = []
+    server = threading.Thread(
+        target=lambda: served.append(server_ctx.wrap_socket(b, server_side=True)), daemon=True
+    )
+    server.start()
+    tls = client_ctx.wrap_socket(a, server_hostname="127.0.0.1")
+    server.join(WAIT)
+    stream = StreamSocket(tls)
+    stream.set_nonblocking(write_timeout=WAIT)
+    stream.shutdown(socket.SHUT_RDWR)
+    assert tls._sslobj is not None  # the SSL layer is still there for any writer
+    with pytest.raises(OSError):
+        stream.sendall(b"secret" * 100)
+    stream.close()
+    served[0].close()
